@@ -1,0 +1,652 @@
+"""Exact top-k retrieval and target ranks over the full catalog, streaming over item chunks.
+
+Pure numpy (no TF, no Ray): shared by evaluation, nightly batch scoring and online serving.
+
+Conventions:
+
+* items are 1..N; row 0 of ``item_table`` (N+1, d) is padding and is never returned or ranked;
+* ``user_vecs`` (B, d) float32; the score of item i for user b is ``user_vecs[b] . item_table[i]``;
+* ``histories`` (B, H) int, left-padded with 0: the items each user has already seen. They are
+  excluded unless ``histories`` is None (out-of-range values are ignored).
+
+Order. Items are sorted by score descending, ties broken by the smaller item index. The order
+is exact and deterministic: identical for every ``chunk_size`` and every split of the users
+into batches. That cannot rest on BLAS alone: a float32 matmul rounds differently for different
+block shapes (OpenBLAS uses other kernels for small blocks and for a single row), so the same
+(user, item) pair can get scores one ulp apart in two calls. Hence two kinds of scores:
+
+* *fast scores*: the float32 matmul ``user_vecs @ item_table[chunk].T``, used only to prune;
+* *exact scores* (:func:`exact_scores`): the float32 products summed in float64 in a fixed order
+  and rounded once to float32. They are the scores returned and the only ones compared.
+
+The two differ by at most ``bound = (d + 2) * 2**-23 * |u| * max_i |v_i|`` (twice the textbook
+dot-product error bound). :class:`TopK` keeps the top ``k + 16`` items per user by fast score,
+re-scores them exactly and checks that no item left out can come within ``2 * bound`` of the
+k-th; rows that fail the check (many near-ties, e.g. duplicated embeddings) are searched again
+with exact scores. :meth:`TopK.target_ranks` re-scores exactly only the items whose fast score is
+within ``bound`` of the target's. So the exact scores decide every comparison, while only about
+B x k (user, item) pairs are scored exactly.
+
+Tie keys. An exact score and an item are packed in one int64 *key*: the float32 bits mapped to an
+order-preserving int32, shifted left by 32, plus ``2**31 - 1 - item``. Larger key = better; keys
+are unique per item, so ``np.partition`` / ``np.sort`` on keys give the exact order, ties
+included. ``EMPTY_KEY`` (the int64 minimum) marks "no item" and decodes to index 0, score -inf.
+
+Memory is O(B x (chunk_size + k)): the catalog is scored one chunk at a time and merged into a
+running top-k; rows are pruned against the running k-th score, so few items per chunk get merged.
+
+Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
+go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same tie rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "EMPTY_KEY",
+    "TopK",
+    "decode_keys",
+    "encode_keys",
+    "exact_scores",
+    "rank_from_scores",
+    "sampled_ranks",
+    "target_ranks",
+    "top_k",
+    "top_k_from_scores",
+]
+
+EMPTY_KEY = np.iinfo(np.int64).min  # "no item": decodes to index 0, score -inf
+DEFAULT_CHUNK_SIZE = 8192
+
+_MAX_INDEX = 0x7FFFFFFF  # 2**31 - 1: largest item index a key can hold
+_LOW_32 = 0xFFFFFFFF
+_FLT_MAX = float(np.finfo(np.float32).max)
+_EXTRA = 16  # the fast pass keeps k + _EXTRA items per row, so near-ties at the k-th survive
+_MIN_FIRST_CHUNK = 128  # the top-k pass starts with chunks of max(k + _EXTRA, this)
+_EXACT_BLOCK = 1 << 20  # floats gathered at once by exact_scores (4 MiB, cache-sized)
+
+
+# -----------------------------------------------------------------------------
+# keys: (score, item) -> one int64, larger = better
+
+
+def encode_keys(scores, items):
+    """scores float32 (...), items int (...) in 0..2**31-1 -> int64 keys (...).
+
+    ``key = ordered(score) * 2**32 + (2**31 - 1 - item)``: comparing keys compares scores
+    (-0.0 equal to +0.0), then prefers the smaller item. Unique per item.
+    """
+    scores = np.asarray(scores, np.float32) + np.float32(0.0)  # copy; -0.0 -> +0.0
+    bits = scores.view(np.int32)
+    ordered = bits ^ ((bits >> 31) & np.int32(_MAX_INDEX))  # flip negatives: int order = float order
+    return ordered.astype(np.int64) * (1 << 32) + (_MAX_INDEX - np.asarray(items, np.int64))
+
+
+def decode_keys(keys):
+    """int64 keys (...) -> items int32 (...), scores float32 (...); EMPTY_KEY -> (0, -inf)."""
+    keys = np.asarray(keys, np.int64)
+    ordered = (keys >> 32).astype(np.int32)
+    scores = (ordered ^ ((ordered >> 31) & np.int32(_MAX_INDEX))).view(np.float32)
+    items = (_MAX_INDEX - (keys & _LOW_32)).astype(np.int32)
+    empty = keys == EMPTY_KEY
+    items[empty] = 0
+    scores[empty] = -np.inf
+    return items, scores
+
+
+def _key_scores(keys):
+    """int64 keys (...) -> their scores as float64 (...), -inf for EMPTY_KEY."""
+    return decode_keys(keys)[1].astype(np.float64)
+
+
+# -----------------------------------------------------------------------------
+# exact scores and the bound on fast (BLAS) scores
+
+
+def exact_scores(user_vecs, item_table, items):
+    """Reproducible dot products: (B, d), (N+1, d), items (B, K) or (B,) -> (B, K) or (B,).
+
+    Each float32 product is exact in float64; the d products are summed in float64 in index
+    order and the sum is rounded once to float32. Elementwise numpy operations only (no BLAS,
+    no pairwise sums), so the result does not depend on shapes, batch or machine.
+    """
+    users = _as_matrix(user_vecs, "user_vecs")
+    table = _as_matrix(item_table, "item_table")
+    items = np.asarray(items, np.intp)
+    if items.ndim == 1:
+        return exact_scores(users, table, items[:, None])[:, 0]
+    if items.ndim != 2 or items.shape[0] != users.shape[0]:
+        raise ValueError(f"items must be (B,) or (B, K) with B={users.shape[0]}, got {items.shape}")
+    out = np.empty(items.shape, np.float32)
+    step = max(1, _EXACT_BLOCK // max(1, items.shape[1] * users.shape[1]))
+    for a in range(0, items.shape[0], step):
+        vecs = table[items[a : a + step]]  # (b, K, d) float32
+        u = users[a : a + step].astype(np.float64)
+        acc = np.zeros(vecs.shape[:2], np.float64)
+        for j in range(users.shape[1]):
+            acc += u[:, j, None] * vecs[:, :, j]
+        out[a : a + step] = acc
+    return out
+
+
+def _score_bound(users, max_item_norm):
+    """(B, d) float32, item norm(s) -> (B,) float64: bound on |fast score - exact score| for
+    items whose norm is at most max_item_norm.
+
+    |BLAS - true| <= d * 2**-24 * |u|.|v| for any summation order (with or without FMA), and
+    |exact - true| <= 2**-24 * |true| + tiny; (d + 2) * 2**-23 is twice their sum. 2**-100
+    covers subnormal underflow.
+    """
+    norms = np.sqrt(np.einsum("bd,bd->b", users.astype(np.float64), users.astype(np.float64)))
+    return (users.shape[1] + 2) * 2.0**-23 * norms * max_item_norm + 2.0**-100
+
+
+def _round_down32(x):
+    """float64 (...) -> the largest float32 <= x (...)."""
+    x = np.asarray(x, np.float64)
+    y = x.astype(np.float32)
+    over = y > x
+    y[over] = np.nextafter(y[over], np.float32(-np.inf))
+    return y
+
+
+def _round_up32(x):
+    """float64 (...) -> the smallest float32 >= x (...)."""
+    x = np.asarray(x, np.float64)
+    y = x.astype(np.float32)
+    under = y < x
+    y[under] = np.nextafter(y[under], np.float32(np.inf))
+    return y
+
+
+# -----------------------------------------------------------------------------
+# input checks
+
+
+def _as_matrix(x, name):
+    """-> C-contiguous float32 (rows, d)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, d), got shape {x.shape}")
+    return x
+
+
+def _check_finite(x, name):
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} has NaN or infinite values")
+
+
+def _as_items(x, num_items, name, lo=1):
+    """-> int64 1-D array, every value in lo..num_items."""
+    x = np.asarray(x).astype(np.int64, copy=False).reshape(-1)
+    if x.size and (x.min() < lo or x.max() > num_items):
+        raise ValueError(f"{name} must be item indices in {lo}..{num_items}")
+    return x
+
+
+def _as_histories(histories, num_rows):
+    """-> (B, H) int64 or None."""
+    if histories is None:
+        return None
+    h = np.asarray(histories).astype(np.int64, copy=False)
+    if h.ndim != 2 or h.shape[0] != num_rows:
+        raise ValueError(f"histories must be (B, H) with B={num_rows}, got shape {h.shape}")
+    return h
+
+
+def _chunk_bounds(n, chunk_size, first):
+    """-> [(start, stop)] covering 0..n with chunks of first, first, 2 first, 4 first, ...
+    up to chunk_size.
+
+    The warm-up matters for top-k: while the running threshold is still low almost every item
+    of a chunk is a candidate; with chunks as large as the items seen so far, about k per row.
+    """
+    bounds, start, size = [], 0, max(1, min(first, chunk_size))
+    while start < n:
+        bounds.append((start, min(n, start + size)))
+        start += size
+        size = min(chunk_size, max(size, start))
+    return bounds
+
+
+def _row_counts(mask):
+    """bool (B, C) C-contiguous -> (B,) int32 number of True per row.
+
+    When C % 8 == 0, sums 8 bools at a time as bytes of uint64 words (<= 255 words per
+    partial sum, so no byte carries over), then the bytes.
+    """
+    rows, width = mask.shape
+    if width % 8 or width < 64:
+        return mask.view(np.uint8).sum(axis=1, dtype=np.int32)
+    words = mask.view(np.uint64)  # (B, C / 8), every byte 0 or 1
+    partial = np.add.reduceat(words, np.arange(0, words.shape[1], 255), axis=1)
+    return partial.view(np.uint8).sum(axis=1, dtype=np.int32)
+
+
+# -----------------------------------------------------------------------------
+# the running top-k
+
+
+def _merge(state, rows, keys):
+    """Merge new keys into the running top-k, in place.
+
+    state (B, keep) int64, rows (n,) int sorted ascending, keys (n,) int64 -> state, each row
+    holding the `keep` largest keys of its old keys and its new ones (unordered).
+    """
+    num_rows, keep = state.shape
+    counts = np.bincount(rows, minlength=num_rows)
+    touched = np.flatnonzero(counts)
+    width = int(counts.max())
+    local = np.zeros(num_rows, np.intp)
+    local[touched] = np.arange(touched.size)
+    slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+    buf = np.full((touched.size, keep + width), EMPTY_KEY, np.int64)
+    buf[:, :keep] = state[touched]
+    buf[local[rows], keep + slot] = keys
+    state[touched] = np.partition(buf, width, axis=1)[:, width:]
+    return state
+
+
+def _sorted_desc(keys):
+    """int64 (B, K) -> (B, K) sorted descending along rows."""
+    return np.sort(keys, axis=1)[:, ::-1]
+
+
+class TopK:
+    """Exact top-k index over a fixed item table, with exclusions.
+
+    Args:
+        item_table: (N+1, d) float32 item embeddings, row 0 = padding.
+        exclude_items: int array of items never returned (for every user).
+        candidates: int array; if given, only these items are scored and returned (their rows
+            are gathered once, so restricting the catalog also makes scoring cheaper).
+        chunk_size: items scored per matmul; memory is O(B x (chunk_size + k)).
+
+    Item 0 is never a candidate. Build one TopK and call it for every batch: construction
+    copies the allowed rows (when restricted) and checks the table once.
+    """
+
+    def __init__(self, item_table, *, exclude_items=None, candidates=None,
+                 chunk_size=DEFAULT_CHUNK_SIZE):
+        self.table = _as_matrix(item_table, "item_table")
+        self.num_items = self.table.shape[0] - 1
+        if self.num_items < 0 or self.num_items > _MAX_INDEX:
+            raise ValueError(f"item_table must have 1..2**31 rows, got {self.table.shape[0]}")
+        self.chunk_size = int(chunk_size)
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        allowed = np.ones(self.num_items + 1, bool)
+        allowed[0] = False
+        if candidates is not None:
+            allowed[:] = False
+            allowed[_as_items(candidates, self.num_items, "candidates", lo=0)] = True
+            allowed[0] = False
+        if exclude_items is not None:
+            allowed[_as_items(exclude_items, self.num_items, "exclude_items", lo=0)] = False
+        self._full = bool(allowed[1:].all())
+        self.items = np.flatnonzero(allowed)  # (n,) int64 ascending: the items that can be returned
+        self.vectors = self.table[1:] if self._full else self.table[self.items]  # (n, d)
+        _check_finite(self.vectors, "item_table")
+        vecs = self.vectors.astype(np.float64)
+        self._norms = np.sqrt(np.einsum("nd,nd->n", vecs, vecs))  # (n,) item norms
+        self._max_norm = float(self._norms.max()) if self._norms.size else 0.0
+
+    # -- public --------------------------------------------------------------
+
+    def __call__(self, user_vecs, k, *, histories=None):
+        """Top-k items per user.
+
+        user_vecs (B, d) float32, k int >= 0, histories (B, H) int or None
+        -> indices (B, k) int32, scores (B, k) float32 (exact scores), sorted by score
+        descending, ties by smaller index. A row with fewer than k returnable items is padded
+        with index 0 and score -inf.
+        """
+        users = self._users(user_vecs)
+        num_rows, k = users.shape[0], int(k)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        keys = np.full((num_rows, k), EMPTY_KEY, np.int64)
+        if k == 0 or num_rows == 0 or self.items.size == 0:
+            return decode_keys(keys)
+        histories = _as_histories(histories, num_rows)
+        bound = _score_bound(users, self._max_norm)
+        keep = min(k + _EXTRA, self.items.size)
+
+        fast = _sorted_desc(self._stream(users, keep, histories, 0.0, False))
+        top = self._exact_top(users, fast, k, bound, histories)
+        keys[:, : top.shape[1]] = top
+        return decode_keys(keys)
+
+    def target_ranks(self, user_vecs, targets, *, histories=None):
+        """0-based rank of each user's target among the returnable items.
+
+        user_vecs (B, d), targets (B,) int in 1..N, histories (B, H) or None -> ranks (B,) int64:
+        the number of returnable items, not in the user's history, whose exact score is larger
+        than the target's, or equal with a smaller index. The target itself is never excluded.
+        So rank < k iff the target is in ``self(user_vecs, k, histories=histories)``, at
+        position rank.
+        """
+        users = self._users(user_vecs)
+        num_rows = users.shape[0]
+        targets = _as_items(targets, self.num_items, "targets")
+        if targets.size != num_rows:
+            raise ValueError(f"targets must have shape ({num_rows},), got {np.shape(targets)}")
+        histories = _as_histories(histories, num_rows)
+        _check_finite(self.table[targets], "item_table")
+        target_scores = exact_scores(users, self.table, targets).astype(np.float64)
+        target_keys = encode_keys(target_scores, targets)
+        unit_bound = _score_bound(users, 1.0)
+        ranks = np.zeros(num_rows, np.int64)
+        for start, block in self._blocks(users, self.chunk_size, histories, targets):
+            # |fast - exact| <= bound for this chunk's items: fast > hi is surely above the
+            # target, fast < lo surely below; the few in between are re-scored exactly.
+            bound = unit_bound * self._norms[start : start + block.shape[1]].max()
+            hi = _round_up32(target_scores + bound)[:, None]
+            lo = np.maximum(_round_down32(target_scores - bound), -_FLT_MAX)[:, None]
+            above = block > hi
+            ranks += _row_counts(above)
+            flat = np.flatnonzero((block >= lo) ^ above)
+            if flat.size == 0:
+                continue
+            rows, cols = np.divmod(flat, block.shape[1])
+            items = self._items_at(start + cols)
+            keys = encode_keys(exact_scores(users[rows], self.table, items), items)
+            ranks += np.bincount(rows[keys > target_keys[rows]], minlength=num_rows)
+        return ranks
+
+    # -- internals -----------------------------------------------------------
+
+    def _exact_top(self, users, fast, k, bound, histories):
+        """Exact top k from the fast pass.
+
+        fast (B, keep) keys by fast score, sorted descending; bound (B,) -> (B, min(k, keep))
+        keys by exact score, sorted descending. Per row, the cheapest sufficient case:
+
+        1. the fast k-th and (k+1)-th scores are more than 2 * bound apart (almost every row):
+           the exact top k are the fast top k, only those are re-scored;
+        2. else, the fast keep-th score is more than 2 * bound below the k-th (or ``fast`` holds
+           every returnable item): the exact top k are among the keep, all are re-scored;
+        3. else (more than keep - k near-ties): an exact search of that row.
+        """
+        num_rows, keep = fast.shape
+        kk = min(k, keep)
+        items, scores = decode_keys(fast)
+        scores = scores.astype(np.float64)
+        valid = items > 0
+        floor = scores[:, kk - 1] - 2 * bound  # -inf where a row has fewer than kk items
+        if keep > kk:
+            case1 = ~valid[:, kk] | (scores[:, kk] < floor)
+        else:
+            case1 = np.ones(num_rows, bool)
+        out = np.empty((num_rows, kk), np.int64)
+        rows = np.flatnonzero(case1)
+        out[rows] = _sorted_desc(self._exact_keys(users[rows], items[rows, :kk]))
+        rest = np.flatnonzero(~case1)
+        if rest.size == 0:
+            return out
+        if keep >= self.items.size:
+            case2 = np.ones(rest.size, bool)
+        else:
+            case2 = ~valid[rest, -1] | (scores[rest, -1] < floor[rest])
+        rows = rest[case2]
+        out[rows] = _sorted_desc(self._exact_keys(users[rows], items[rows]))[:, :kk]
+        rows = rest[~case2]  # here keep = k + _EXTRA < number of returnable items, kk = k
+        if rows.size:
+            sub_hist = None if histories is None else histories[rows]
+            out[rows] = _sorted_desc(self._stream(users[rows], k, sub_hist, bound[rows], True))
+        return out
+
+    def _items_at(self, positions):
+        """Positions in self.items (int64 array) -> the items there."""
+        return positions + 1 if self._full else self.items[positions]
+
+    def _exact_keys(self, users, items):
+        """(B, d), items (B, K) with 0 = none -> (B, K) keys of exact scores, EMPTY_KEY for 0."""
+        keys = encode_keys(exact_scores(users, self.table, items), items)
+        keys[items == 0] = EMPTY_KEY
+        return keys
+
+    def _users(self, user_vecs):
+        users = _as_matrix(user_vecs, "user_vecs")
+        if users.shape[1] != self.table.shape[1]:
+            raise ValueError(f"user_vecs has d={users.shape[1]}, item_table d={self.table.shape[1]}")
+        _check_finite(users, "user_vecs")
+        return users
+
+    def _history_positions(self, histories, targets=None):
+        """histories (B, H) int, targets (B,) or None -> (positions in self.items, rows) int64.
+
+        One pair per history entry that is a returnable item (a user's target is kept).
+        """
+        rows = np.repeat(np.arange(histories.shape[0]), histories.shape[1])
+        items = histories.reshape(-1)
+        keep = items > 0
+        if targets is not None:
+            keep &= items != np.repeat(targets, histories.shape[1])
+        rows, items = rows[keep], items[keep]
+        if self._full:
+            found = items <= self.num_items
+            pos = items - 1
+        else:
+            pos = np.searchsorted(self.items, items)
+            found = pos < self.items.size
+            found[found] = self.items[pos[found]] == items[found]
+        return pos[found], rows[found]
+
+    def _blocks(self, users, first, histories=None, targets=None):
+        """Fast scores chunk by chunk: yields (start, block) with block (B, C) float32 =
+        users @ self.vectors[start:start + C].T, history items (but targets) set to -inf.
+
+        Chunk sizes as in :func:`_chunk_bounds`. The block buffer is reused: use a block before
+        asking for the next one.
+        """
+        bounds = _chunk_bounds(self.items.size, self.chunk_size, first)
+        if not bounds:
+            return
+        num_rows = users.shape[0]
+        if histories is not None:  # group the history pairs by chunk (radix sort on chunk ids)
+            pos, rows = self._history_positions(histories, targets)
+            starts = np.array([a for a, _ in bounds])
+            chunk = np.searchsorted(starts, pos, side="right") - 1
+            chunk = chunk.astype(np.uint16 if len(bounds) <= 1 << 16 else np.int64)
+            order = np.argsort(chunk, kind="stable")
+            pos, rows = pos[order], rows[order]
+            split = np.searchsorted(chunk[order], np.arange(len(bounds) + 1))
+        buf = np.empty(num_rows * max(b - a for a, b in bounds), np.float32)
+        for i, (start, stop) in enumerate(bounds):
+            width = stop - start
+            block = buf[: num_rows * width].reshape(num_rows, width)
+            np.matmul(users, self.vectors[start:stop].T, out=block)
+            if histories is not None:
+                a, b = split[i], split[i + 1]
+                block.reshape(-1)[rows[a:b] * width + (pos[a:b] - start)] = -np.inf
+            yield start, block
+
+    def _stream(self, users, keep, histories, slack, exact):
+        """One pass over the allowed items -> (B, keep) int64 keys (unordered) of the best items.
+
+        exact=False: keys from fast scores, slack must be 0. exact=True: keys from exact scores;
+        slack (B,) >= |fast - exact| widens the pruning thresholds so no candidate is lost.
+        """
+        num_rows = users.shape[0]
+        state = np.full((num_rows, keep), EMPTY_KEY, np.int64)
+        slack = np.broadcast_to(np.asarray(slack, np.float64), (num_rows,))
+        threshold = np.full(num_rows, -np.inf)  # score of each row's keep-th key
+        for start, block in self._blocks(users, max(_MIN_FIRST_CHUNK, keep), histories):
+            lo = np.maximum(_round_down32(threshold - slack), -_FLT_MAX)
+            mask = block >= lo[:, None]
+            _thin_heavy_rows(block, mask, keep, slack)
+            flat = np.flatnonzero(mask)
+            if flat.size == 0:
+                continue
+            rows, cols = np.divmod(flat, block.shape[1])
+            items = self._items_at(start + cols)
+            if exact:
+                scores = exact_scores(users[rows], self.table, items)
+            else:
+                scores = block.reshape(-1)[flat]
+            _merge(state, rows, encode_keys(scores, items))
+            threshold = _key_scores(state.min(axis=1))
+        return state
+
+
+def _thin_heavy_rows(block, mask, keep, slack):
+    """Drop candidates that cannot be in a row's top `keep` of this chunk alone, in place.
+
+    Used when a row has many candidates (first chunk, or scores rising with the item index):
+    an item whose fast score is below the chunk's keep-th largest minus 2 * slack is beaten by
+    `keep` items of the chunk. block (B, C) float32, mask (B, C) bool, slack (B,).
+    """
+    width = block.shape[1]
+    limit = max(2 * keep, width // 8)
+    if width <= limit:
+        return
+    heavy = np.flatnonzero(_row_counts(mask) > limit)
+    if heavy.size == 0:
+        return
+    sub = block[heavy]
+    kth = np.partition(sub, width - keep, axis=1)[:, width - keep].astype(np.float64)
+    mask[heavy] &= sub >= _round_down32(kth - 2 * slack[heavy])[:, None]
+
+
+# -----------------------------------------------------------------------------
+# functional API
+
+
+def top_k(user_vecs, item_table, k, *, histories=None, exclude_items=None, candidates=None,
+          chunk_size=DEFAULT_CHUNK_SIZE):
+    """Top-k items for each user over the whole catalog (see :class:`TopK`).
+
+    user_vecs (B, d), item_table (N+1, d), histories (B, H) or None, exclude_items (E,) or None,
+    candidates (M,) or None -> indices (B, k) int32, scores (B, k) float32; sorted by score
+    descending, ties by smaller index; rows with fewer than k allowed items are padded with
+    index 0 and score -inf. For many batches, build one :class:`TopK` instead.
+    """
+    index = TopK(item_table, exclude_items=exclude_items, candidates=candidates,
+                 chunk_size=chunk_size)
+    return index(user_vecs, k, histories=histories)
+
+
+def target_ranks(user_vecs, item_table, targets, *, histories=None,
+                 chunk_size=DEFAULT_CHUNK_SIZE):
+    """0-based rank of each target among items 1..N (see :meth:`TopK.target_ranks`).
+
+    user_vecs (B, d), item_table (N+1, d), targets (B,), histories (B, H) or None -> (B,) int64.
+    Same scores and tie rule as :func:`top_k`: rank < k iff the target is in the top k.
+    """
+    return TopK(item_table, chunk_size=chunk_size).target_ranks(
+        user_vecs, targets, histories=histories)
+
+
+def sampled_ranks(user_vecs, item_table, targets, negatives):
+    """0-based rank of each target among itself and its sampled negatives.
+
+    user_vecs (B, d), item_table (N+1, d), targets (B,), negatives (B, M) int -> (B,) int64:
+    the number of negatives scoring above the target, or equal with a smaller index (exact
+    scores). Negatives equal to 0 or to the target are ignored; repeated ones count each time.
+    """
+    users = _as_matrix(user_vecs, "user_vecs")
+    table = _as_matrix(item_table, "item_table")
+    num_items = table.shape[0] - 1
+    targets = _as_items(targets, num_items, "targets")
+    negatives = np.asarray(negatives).astype(np.int64, copy=False)
+    if negatives.ndim != 2 or negatives.shape[0] != targets.size:
+        raise ValueError(f"negatives must be (B, M) with B={targets.size}, got {negatives.shape}")
+    _as_items(negatives, num_items, "negatives", lo=0)
+    t = exact_scores(users, table, targets)[:, None]
+    s = exact_scores(users, table, negatives)
+    tg = targets[:, None]
+    beats = (s > t) | ((s == t) & (negatives < tg))
+    return (beats & (negatives > 0) & (negatives != tg)).sum(axis=1)
+
+
+# -----------------------------------------------------------------------------
+# dense score matrices (baselines): same tie rule and exclusions
+
+
+def _history_pairs(histories, num_cols, targets=None):
+    """(B, H) -> (rows, items) of the history entries in 1..num_cols-1 (not the targets)."""
+    rows = np.repeat(np.arange(histories.shape[0]), histories.shape[1])
+    items = histories.reshape(-1)
+    keep = (items > 0) & (items < num_cols)
+    if targets is not None:
+        keep &= items != np.repeat(targets, histories.shape[1])
+    return rows[keep], items[keep]
+
+
+def top_k_from_scores(scores, k, *, histories=None, exclude_items=None, candidates=None,
+                      chunk_size=DEFAULT_CHUNK_SIZE):
+    """Top-k of a dense score matrix with the same rule and exclusions as :func:`top_k`.
+
+    scores (B, N+1) float (column 0 ignored, NaN and -inf = never returned), k int, histories
+    (B, H), exclude_items, candidates -> indices (B, k) int32, scores (B, k) float (float64
+    unless the scores are float32 or narrower); score descending, ties by smaller index,
+    padded with index 0 and score -inf.
+
+    Streams over column chunks like :class:`TopK`: in index order, a column can only enter
+    the running top k with a score strictly above the current k-th, so few are merged.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (B, N+1), got shape {s.shape}")
+    num_rows, num_cols = s.shape
+    k, chunk_size = int(k), int(chunk_size)
+    if k < 0 or chunk_size < 1:
+        raise ValueError(f"need k >= 0 and chunk_size >= 1, got {k} and {chunk_size}")
+    dtype = np.result_type(s.dtype, np.float32)
+    best = np.full((num_rows, k), -np.inf, dtype)  # running top k, sorted
+    best_idx = np.zeros((num_rows, k), np.int64)
+    if k == 0 or num_rows == 0 or num_cols == 0:
+        return best_idx.astype(np.int32), best
+    allowed = np.ones(num_cols, bool)
+    if candidates is not None:
+        allowed[:] = False
+        allowed[_as_items(candidates, num_cols - 1, "candidates", lo=0)] = True
+    if exclude_items is not None:
+        allowed[_as_items(exclude_items, num_cols - 1, "exclude_items", lo=0)] = False
+    allowed[0] = False
+    if histories is not None:
+        hist_rows, hist_items = _history_pairs(_as_histories(histories, num_rows), num_cols)
+    for start, stop in _chunk_bounds(num_cols, chunk_size, max(_MIN_FIRST_CHUNK, k)):
+        block = np.array(s[:, start:stop], dtype)
+        block[:, np.flatnonzero(~allowed[start:stop])] = -np.inf
+        if histories is not None:
+            sel = (hist_items >= start) & (hist_items < stop)
+            block[hist_rows[sel], hist_items[sel] - start] = -np.inf
+        flat = np.flatnonzero(block > best[:, -1:])  # NaN and -inf never pass
+        if flat.size == 0:
+            continue
+        rows, cols = np.divmod(flat, stop - start)
+        rows = np.concatenate([np.repeat(np.arange(num_rows), k), rows])
+        vals = np.concatenate([best.reshape(-1), block.reshape(-1)[flat]])
+        idx = np.concatenate([best_idx.reshape(-1), cols + start])
+        order = np.lexsort((idx, -vals, rows))  # by row, score descending, index ascending
+        counts = np.bincount(rows, minlength=num_rows)
+        first = ((np.cumsum(counts) - counts)[:, None] + np.arange(k)).reshape(-1)
+        best = vals[order[first]].reshape(num_rows, k)
+        best_idx = idx[order[first]].reshape(num_rows, k)
+    return best_idx.astype(np.int32), best
+
+
+def rank_from_scores(scores, targets, histories=None):
+    """0-based rank of each target in a dense score matrix, same rule as :func:`target_ranks`.
+
+    scores (B, N+1) float (column 0 ignored), targets (B,) in 1..N, histories (B, H) or None
+    -> (B,) int64: items (not in the history, the target excepted) scoring above the target,
+    or equal with a smaller index.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (B, N+1), got shape {s.shape}")
+    num_rows, num_cols = s.shape
+    targets = _as_items(targets, num_cols - 1, "targets")
+    if targets.size != num_rows:
+        raise ValueError(f"targets must have shape ({num_rows},), got {targets.shape}")
+    t = s[np.arange(num_rows), targets][:, None]
+    beats = (s > t) | ((s == t) & (np.arange(num_cols) < targets[:, None]))
+    beats[:, 0] = False
+    if histories is not None:
+        beats[_history_pairs(_as_histories(histories, num_rows), num_cols, targets)] = False
+    return _row_counts(beats).astype(np.int64)

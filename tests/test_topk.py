@@ -1,0 +1,488 @@
+"""Exact streaming top-k and target ranks (ezsasrec_ray.topk) against brute-force numpy."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ezsasrec_ray import topk
+from ezsasrec_ray.topk import (
+    EMPTY_KEY,
+    TopK,
+    decode_keys,
+    encode_keys,
+    exact_scores,
+    rank_from_scores,
+    sampled_ranks,
+    target_ranks,
+    top_k,
+    top_k_from_scores,
+)
+
+CHUNKS = (1, 3, 7)  # and N + 5, added per test
+
+
+# -----------------------------------------------------------------------------
+# brute-force references
+
+
+def int_data(rng, num_users, num_items, dim, lo=-2, hi=2):
+    """Small-integer embeddings: every dot product is exact in float32, so BLAS, exact_scores
+    and float64 agree, and ties are plentiful. Also duplicates some item rows."""
+    users = rng.integers(lo, hi + 1, (num_users, dim)).astype(np.float32)
+    table = rng.integers(lo, hi + 1, (num_items + 1, dim)).astype(np.float32)
+    dup = rng.integers(1, num_items + 1, num_items // 3)
+    table[dup] = table[rng.integers(1, num_items + 1)]
+    return users, table
+
+
+def float_data(rng, num_users, num_items, dim):
+    """Gaussian embeddings, a third of the item rows duplicated (exact ties)."""
+    users = rng.standard_normal((num_users, dim), dtype=np.float32)
+    table = rng.standard_normal((num_items + 1, dim), dtype=np.float32)
+    table[rng.integers(1, num_items + 1, num_items // 3)] = table[rng.integers(1, num_items + 1)]
+    return users, table
+
+
+def all_scores(users, table):
+    """(B, N+1) float64 reference scores: exact_scores of every (user, item) pair."""
+    items = np.tile(np.arange(table.shape[0]), (users.shape[0], 1))
+    return exact_scores(users, table, items).astype(np.float64)
+
+
+def allowed_mask(num_users, num_items, histories=None, exclude=None, candidates=None):
+    """(B, N+1) bool: the items each user may get."""
+    ok = np.ones((num_users, num_items + 1), bool)
+    ok[:, 0] = False
+    if candidates is not None:
+        cand = np.zeros(num_items + 1, bool)
+        cand[np.asarray(candidates, int)] = True
+        ok &= cand
+    if exclude is not None:
+        ok[:, np.asarray(exclude, int)] = False
+    if histories is not None:
+        for b, row in enumerate(histories):
+            ok[b, [h for h in row if 0 < h <= num_items]] = False
+    return ok
+
+
+def brute_top_k(scores, ok, k):
+    """Per row: allowed items sorted by (score descending, index ascending), first k, padded."""
+    num_users = scores.shape[0]
+    idx = np.zeros((num_users, k), np.int32)
+    val = np.full((num_users, k), -np.inf)
+    for b in range(num_users):
+        items = sorted(np.flatnonzero(ok[b]), key=lambda i: (-scores[b, i], i))[:k]
+        idx[b, : len(items)] = items
+        val[b, : len(items)] = scores[b, items]
+    return idx, val
+
+
+def brute_rank(scores, ok, targets):
+    """Items allowed for the user (the target aside) that beat the target: (B,)."""
+    ranks = []
+    for b, t in enumerate(targets):
+        s = scores[b]
+        beats = (s > s[t]) | ((s == s[t]) & (np.arange(s.size) < t))
+        beats &= ok[b]
+        beats[t] = False
+        ranks.append(int(beats.sum()))
+    return np.array(ranks)
+
+
+def assert_same(got, want):
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], np.asarray(want[1], np.float32))
+    assert got[0].dtype == np.int32 and got[1].dtype == np.float32
+
+
+# -----------------------------------------------------------------------------
+# keys and exact scores
+
+
+def test_keys_order_by_score_then_smaller_index():
+    scores = np.array([1.5, -0.0, 0.0, -3.0, 1.5, np.inf, -np.inf, 1e-40, -1e-40, 2.0], np.float32)
+    items = np.array([4, 2, 1, 9, 3, 7, 5, 6, 8, 10])
+    keys = encode_keys(scores, items)
+    order = np.argsort(keys)[::-1]
+    want = sorted(range(len(items)), key=lambda i: (-float(scores[i]), items[i]))
+    assert list(order) == want
+    got_items, got_scores = decode_keys(keys)
+    np.testing.assert_array_equal(got_items, items)
+    np.testing.assert_array_equal(got_scores, scores + np.float32(0))  # -0.0 reads back as 0.0
+    assert np.unique(keys).size == keys.size
+    assert (keys > EMPTY_KEY).all()
+    empty_items, empty_scores = decode_keys(np.array([EMPTY_KEY]))
+    assert empty_items[0] == 0 and empty_scores[0] == -np.inf
+
+
+def test_exact_scores_exact_for_integers_and_batch_independent():
+    rng = np.random.default_rng(0)
+    users, table = int_data(rng, 9, 50, 6, lo=-50, hi=50)
+    items = rng.integers(0, 51, (9, 13))
+    want = np.einsum("bd,bkd->bk", users.astype(np.float64), table[items].astype(np.float64))
+    np.testing.assert_array_equal(exact_scores(users, table, items), want)
+
+    users, table = float_data(rng, 9, 50, 33)
+    full = exact_scores(users, table, items)
+    for b in range(9):  # one row at a time, and one pair at a time: bit-identical
+        np.testing.assert_array_equal(exact_scores(users[b : b + 1], table, items[b : b + 1]),
+                                      full[b : b + 1])
+        np.testing.assert_array_equal(exact_scores(np.repeat(users[b : b + 1], 13, 0), table,
+                                                   items[b]), full[b])
+    fast = np.einsum("bd,bkd->bk", users, table[items])  # float32: close, not always equal
+    np.testing.assert_allclose(full, fast, rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# top_k
+
+
+@pytest.mark.parametrize("data", [int_data, float_data])
+def test_top_k_matches_brute_force_for_every_chunk_size(data):
+    rng = np.random.default_rng(1)
+    for _trial in range(6):
+        num_users, num_items = int(rng.integers(1, 9)), int(rng.integers(1, 60))
+        users, table = data(rng, num_users, num_items, int(rng.integers(1, 6)))
+        histories = rng.integers(0, num_items + 1, (num_users, 4))
+        scores = all_scores(users, table)
+        ok = allowed_mask(num_users, num_items, histories)
+        for k in {0, 1, int(rng.integers(1, num_items + 3)), num_items + 2}:
+            want = brute_top_k(scores, ok, k)
+            for chunk in CHUNKS + (num_items + 5,):
+                got = top_k(users, table, k, histories=histories, chunk_size=chunk)
+                assert_same(got, want)
+
+
+def test_top_k_ties_go_to_the_smaller_index():
+    # items 2, 5, 7 have the same embedding, the best one; then 1 and 4 (equal), then the rest
+    table = np.zeros((9, 2), np.float32)
+    table[[2, 5, 7]] = [1.0, 1.0]
+    table[[1, 4]] = [0.5, 0.5]
+    table[[3, 6, 8]] = [-1.0, 0.0]
+    users = np.array([[1.0, 1.0]], np.float32)
+    for chunk in (1, 2, 3, 100):
+        idx, val = top_k(users, table, 6, chunk_size=chunk)
+        assert idx.tolist() == [[2, 5, 7, 1, 4, 3]]
+        assert val.tolist() == [[2.0, 2.0, 2.0, 1.0, 1.0, -1.0]]
+
+
+def test_top_k_float_results_identical_for_every_chunk_size_and_batch_split():
+    rng = np.random.default_rng(2)
+    users, table = float_data(rng, 40, 700, 24)
+    histories = rng.integers(0, 701, (40, 30))
+    want = brute_top_k(all_scores(users, table), allowed_mask(40, 700, histories), 25)
+    for chunk in (1, 7, 64, 300, 705):
+        index = TopK(table, chunk_size=chunk)
+        assert_same(index(users, 25, histories=histories), want)
+        one_by_one = [index(users[b : b + 1], 25, histories=histories[b : b + 1]) for b in range(40)]
+        assert_same((np.vstack([r[0] for r in one_by_one]), np.vstack([r[1] for r in one_by_one])),
+                    want)
+
+
+def test_top_k_exact_where_blas_rounding_differs():
+    # multiples of 0.1 are inexact in float32: the matmul and the exact scores differ in the
+    # last bit for most pairs, and many pairs are (near-)tied. The exact order must still win.
+    rng = np.random.default_rng(10)
+    users = (rng.integers(-5, 6, (12, 20)) * 0.1).astype(np.float32)
+    table = (rng.integers(-5, 6, (401, 20)) * 0.1).astype(np.float32)
+    table[rng.integers(1, 401, 100)] = table[rng.integers(1, 401)]
+    histories = rng.integers(0, 401, (12, 15))
+    scores = all_scores(users, table)
+    assert (users @ table.T != scores.astype(np.float32)).mean() > 0.2
+    want = brute_top_k(scores, allowed_mask(12, 400, histories), 30)
+    targets = rng.integers(1, 401, 12)
+    want_ranks = brute_rank(scores, allowed_mask(12, 400, histories), targets)
+    for chunk in (1, 13, 64, 405):
+        index = TopK(table, chunk_size=chunk)
+        assert_same(index(users, 30, histories=histories), want)
+        singles = [index(users[b : b + 1], 30, histories=histories[b : b + 1]) for b in range(12)]
+        assert_same((np.vstack([r[0] for r in singles]), np.vstack([r[1] for r in singles])),
+                    want)
+        np.testing.assert_array_equal(index.target_ranks(users, targets, histories=histories),
+                                      want_ranks)
+
+
+def test_top_k_exclusions_candidates_and_padding():
+    rng = np.random.default_rng(3)
+    users, table = int_data(rng, 6, 40, 3)
+    table[0] = 100.0  # padding row would win every ranking if it were scored
+    histories = rng.integers(0, 41, (6, 5))
+    exclude = np.array([0, 3, 5, 5, 17])
+    candidates = np.array([0, 1, 2, 3, 5, 8, 13, 21, 34, 40, 21])
+    scores = all_scores(users, table)
+    cases = [
+        (dict(), allowed_mask(6, 40)),
+        (dict(histories=histories), allowed_mask(6, 40, histories)),
+        (dict(exclude_items=exclude), allowed_mask(6, 40, exclude=exclude)),
+        (dict(candidates=candidates), allowed_mask(6, 40, candidates=candidates)),
+        (dict(histories=histories, exclude_items=exclude, candidates=candidates),
+         allowed_mask(6, 40, histories, exclude, candidates)),
+    ]
+    for kwargs, ok in cases:
+        for chunk in (1, 3, 7, 45):
+            idx, val = top_k(users, table, 12, chunk_size=chunk, **kwargs)
+            assert_same((idx, val), brute_top_k(scores, ok, 12))
+            real = idx[idx > 0]
+            assert ok[np.nonzero(idx > 0)[0], real].all()
+
+
+def test_top_k_pads_rows_with_fewer_items_than_k():
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)  # items 1..5, score grows with index
+    users = np.ones((2, 2), np.float32)
+    histories = np.array([[0, 0, 5, 4, 2], [0, 0, 0, 0, 0]])
+    idx, val = top_k(users, table, 4, histories=histories, exclude_items=[1])
+    assert idx.tolist() == [[3, 0, 0, 0], [5, 4, 3, 2]]
+    assert val.tolist() == [[13.0, -np.inf, -np.inf, -np.inf], [21.0, 17.0, 13.0, 9.0]]
+    idx, val = top_k(users, table, 3, candidates=[0, 2])
+    assert idx.tolist() == [[2, 0, 0]] * 2
+    idx, val = top_k(users, table, 3, exclude_items=[1, 2, 3, 4, 5])
+    assert idx.tolist() == [[0, 0, 0]] * 2 and np.isneginf(val).all()
+    idx, val = top_k(users, table, 0)
+    assert idx.shape == (2, 0) and val.shape == (2, 0)
+    idx, val = top_k(np.zeros((0, 2), np.float32), table, 3)
+    assert idx.shape == (0, 3)
+
+
+def _spy_paths(monkeypatch):
+    """Record how TopK finishes: ("rescore", rows, width) per exact re-scoring of fast
+    candidates, ("search", rows) per exact search."""
+    calls = []
+    stream, rescore = TopK._stream, TopK._exact_keys
+
+    def spy_stream(self, users, keep, histories, slack, exact):
+        if exact:
+            calls.append(("search", users.shape[0]))
+        return stream(self, users, keep, histories, slack, exact)
+
+    def spy_rescore(self, users, items):
+        if items.shape[0]:
+            calls.append(("rescore",) + items.shape)
+        return rescore(self, users, items)
+
+    monkeypatch.setattr(TopK, "_stream", spy_stream)
+    monkeypatch.setattr(TopK, "_exact_keys", spy_rescore)
+    return calls
+
+
+def test_top_k_near_ties_at_the_k_th_item_all_three_paths(monkeypatch):
+    rng = np.random.default_rng(4)
+    dim, k = 8, 10
+    users = rng.standard_normal((3, dim), dtype=np.float32)
+    base = rng.standard_normal((400, dim), dtype=np.float32) * 0.1
+    best = users.sum(0)  # a direction all 3 users like: duplicates of it rank high
+    assert (users @ best > 1).all()
+    paths = {
+        0: [("rescore", 3, k)],  # clear gap after the k-th: re-score the fast top k
+        5: [("rescore", 3, k + 16)],  # 5 ties straddle the k-th: re-score the k + 16 kept
+        40: [("search", 3)],  # more ties than kept: exact search
+    }
+    for num_dup, path in paths.items():
+        table = np.vstack([np.zeros((1, dim), np.float32), base])
+        table[1 : k - 3] = best * 2  # k - 4 clear winners
+        table[200 : 200 + num_dup] = best  # then tied duplicates around the k-th place
+        want = brute_top_k(all_scores(users, table), allowed_mask(3, 400), k)
+        for chunk in (3, 64, 1000):
+            calls = _spy_paths(monkeypatch)
+            assert_same(top_k(users, table, k, chunk_size=chunk), want)
+            assert calls == path
+            monkeypatch.undo()
+
+
+def test_top_k_all_scores_tied():
+    table = np.zeros((301, 4), np.float32)
+    users = np.ones((2, 4), np.float32)
+    histories = np.array([[0, 3, 1], [7, 7, 2]])
+    idx, val = top_k(users, table, 5, histories=histories, chunk_size=32)
+    assert idx.tolist() == [[2, 4, 5, 6, 7], [1, 3, 4, 5, 6]]
+    assert (val == 0).all()
+
+
+def test_top_k_class_reused_and_input_checks():
+    rng = np.random.default_rng(5)
+    users, table = float_data(rng, 4, 30, 5)
+    index = TopK(table, exclude_items=[1, 2], chunk_size=4)
+    assert_same(index(users, 5), top_k(users, table, 5, exclude_items=[1, 2]))
+    with pytest.raises(ValueError):
+        index(users, -1)
+    with pytest.raises(ValueError):
+        index(users[:, :3], 2)
+    with pytest.raises(ValueError):
+        index(users, 2, histories=np.zeros((3, 2), int))
+    bad = users.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError):
+        index(bad, 2)
+    with pytest.raises(ValueError):
+        TopK(table, candidates=[31])
+    with pytest.raises(ValueError):
+        TopK(table, chunk_size=0)
+    nan_table = table.copy()
+    nan_table[3, 1] = np.inf
+    with pytest.raises(ValueError):
+        TopK(nan_table)
+
+
+# -----------------------------------------------------------------------------
+# target ranks
+
+
+@pytest.mark.parametrize("data", [int_data, float_data])
+def test_target_ranks_brute_force_and_consistent_with_top_k(data):
+    rng = np.random.default_rng(6)
+    for _trial in range(4):
+        num_users, num_items = int(rng.integers(1, 12)), int(rng.integers(1, 80))
+        users, table = data(rng, num_users, num_items, int(rng.integers(1, 6)))
+        histories = rng.integers(0, num_items + 1, (num_users, 6))
+        targets = rng.integers(1, num_items + 1, num_users)
+        histories[0, -1] = targets[0]  # a target inside the history still counts as itself
+        scores = all_scores(users, table)
+        ok = allowed_mask(num_users, num_items, histories)
+        want = brute_rank(scores, ok, targets)
+        for chunk in CHUNKS + (num_items + 5,):
+            ranks = target_ranks(users, table, targets, histories=histories, chunk_size=chunk)
+            np.testing.assert_array_equal(ranks, want)
+        np.testing.assert_array_equal(target_ranks(users, table, targets),
+                                      brute_rank(scores, allowed_mask(num_users, num_items),
+                                                 targets))
+        # rank < k iff the target is in the top k, at position rank (history without target)
+        hist_no_target = np.where(histories == targets[:, None], 0, histories)
+        for k in (1, 3, num_items):
+            idx, _ = top_k(users, table, k, histories=hist_no_target, chunk_size=7)
+            for b in range(num_users):
+                where = np.flatnonzero(idx[b] == targets[b])
+                assert (ranks[b] < k) == (where.size == 1)
+                if where.size:
+                    assert where[0] == ranks[b]
+
+
+def test_target_ranks_float_large_consistent_with_top_k():
+    rng = np.random.default_rng(7)
+    users, table = float_data(rng, 64, 3000, 16)
+    histories = rng.integers(0, 3001, (64, 50))
+    index = TopK(table, chunk_size=512)
+    idx, _ = index(users, 100, histories=histories)
+    targets = idx[:, 37].astype(np.int64)  # inside the top 100: rank must be exactly 37
+    targets[::2] = rng.integers(1, 3001, 32)
+    ranks = index.target_ranks(users, targets, histories=histories)
+    assert (ranks[1::2] == 37).all()
+    for b in range(0, 64, 2):
+        if targets[b] in histories[b]:
+            continue
+        where = np.flatnonzero(idx[b] == targets[b])
+        assert (ranks[b] < 100) == (where.size == 1)
+        if where.size:
+            assert ranks[b] == where[0]
+
+
+def test_target_ranks_checks_targets():
+    table = np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError):
+        target_ranks(np.ones((1, 2), np.float32), table, [0])
+    with pytest.raises(ValueError):
+        target_ranks(np.ones((1, 2), np.float32), table, [5])
+    with pytest.raises(ValueError):
+        target_ranks(np.ones((2, 2), np.float32), table, [1])
+
+
+def test_sampled_ranks():
+    table = np.array([[9.0], [1.0], [3.0], [2.0], [3.0], [0.0]], np.float32)  # item 0: padding
+    users = np.array([[1.0], [1.0]], np.float32)
+    targets = np.array([3, 4])
+    # user 0, target 3 (score 2): 2 (3) and 4 (3) beat it, 5 (0) does not, 0 and 3 are ignored
+    # user 1, target 4 (score 3): 2 ties with a smaller index, twice; 1 (1) does not
+    negatives = np.array([[2, 0, 5, 4, 3], [2, 2, 1, 0, 4]])
+    assert sampled_ranks(users, table, targets, negatives).tolist() == [2, 2]
+
+
+# -----------------------------------------------------------------------------
+# dense score matrices
+
+
+def test_dense_top_k_and_rank_from_scores_match_brute_force():
+    rng = np.random.default_rng(8)
+    scores = rng.integers(-3, 4, (7, 31)).astype(np.float64)
+    scores[:, 0] = 99.0  # padding column is ignored
+    histories = rng.integers(0, 31, (7, 5))
+    targets = rng.integers(1, 31, 7)
+    ok = allowed_mask(7, 30, histories)
+    for k in (1, 5, 30, 33):
+        want = brute_top_k(scores, ok, k)
+        for chunk in CHUNKS + (35,):
+            idx, val = top_k_from_scores(scores, k, histories=histories, chunk_size=chunk)
+            np.testing.assert_array_equal(idx, want[0])
+            np.testing.assert_array_equal(val, want[1])
+            assert idx.dtype == np.int32 and val.dtype == np.float64
+    with_nan = scores.copy()
+    with_nan[:, 5] = np.nan  # never returned, like -inf
+    ok_nan = ok.copy()
+    ok_nan[:, 5] = False
+    want = brute_top_k(np.nan_to_num(with_nan, nan=-np.inf), ok_nan, 40)
+    np.testing.assert_array_equal(top_k_from_scores(with_nan, 40, histories=histories)[0],
+                                  want[0])
+    ranks = rank_from_scores(scores, targets, histories)
+    np.testing.assert_array_equal(ranks, brute_rank(scores, ok, targets))
+    idx, _ = top_k_from_scores(scores, 40, exclude_items=[1, 2], candidates=[1, 2, 3, 4])
+    assert set(idx[0]) == {0, 3, 4}
+
+
+def test_dense_and_streaming_agree():
+    rng = np.random.default_rng(9)
+    users, table = float_data(rng, 10, 200, 8)
+    histories = rng.integers(0, 201, (10, 9))
+    targets = rng.integers(1, 201, 10)
+    dense = all_scores(users, table).astype(np.float32)
+    assert_same(top_k(users, table, 20, histories=histories),
+                top_k_from_scores(dense, 20, histories=histories))
+    np.testing.assert_array_equal(target_ranks(users, table, targets, histories=histories),
+                                  rank_from_scores(dense, targets, histories))
+
+
+# -----------------------------------------------------------------------------
+# property test
+
+
+@st.composite
+def problems(draw):
+    num_users = draw(st.integers(1, 4))
+    num_items = draw(st.integers(1, 25))
+    dim = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if draw(st.booleans()):
+        users, table = int_data(rng, num_users, num_items, dim, -1, 1)
+    else:
+        users, table = float_data(rng, num_users, num_items, dim)
+    histories = rng.integers(0, num_items + 1, (num_users, draw(st.integers(0, 4))))
+    exclude = rng.integers(0, num_items + 1, draw(st.integers(0, 3)))
+    candidates = rng.integers(0, num_items + 1, draw(st.integers(1, 8))) if draw(
+        st.booleans()) else None
+    k = draw(st.integers(0, num_items + 3))
+    chunk = draw(st.integers(1, num_items + 5))
+    return users, table, histories, exclude, candidates, k, chunk
+
+
+@settings(max_examples=50, deadline=None)
+@given(problems())
+def test_top_k_property_matches_brute_force(problem):
+    users, table, histories, exclude, candidates, k, chunk = problem
+    num_users, num_items = users.shape[0], table.shape[0] - 1
+    ok = allowed_mask(num_users, num_items, histories, exclude, candidates)
+    got = top_k(users, table, k, histories=histories, exclude_items=exclude,
+                candidates=candidates, chunk_size=chunk)
+    want = brute_top_k(all_scores(users, table), ok, k)
+    assert_same(got, want)
+    dense = top_k_from_scores(all_scores(users, table), k, histories=histories,
+                              exclude_items=exclude, candidates=candidates, chunk_size=chunk)
+    np.testing.assert_array_equal(dense[0], want[0])
+    np.testing.assert_array_equal(dense[1], want[1])
+    targets = np.arange(num_users) % num_items + 1
+    np.testing.assert_array_equal(
+        target_ranks(users, table, targets, histories=histories, chunk_size=chunk),
+        brute_rank(all_scores(users, table), allowed_mask(num_users, num_items, histories),
+                   targets))
+
+
+def test_module_exports():
+    for name in topk.__all__:
+        assert hasattr(topk, name)
