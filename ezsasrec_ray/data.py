@@ -682,6 +682,53 @@ def format_summary(manifest: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Roles of each event: one place that says what is trained on and what is held out
+
+
+def list_prefixes(lists: pa.Array, lengths: np.ndarray) -> pa.ListArray:
+    """The first ``lengths[b]`` items of each row of a list array (vectorized take)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    lengths = np.minimum(np.asarray(lengths, np.int64), np.diff(offsets))
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    take = np.repeat(offsets[:-1] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    values = lists.values.take(pa.array(take)) if len(take) else lists.values.slice(0, 0)
+    return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), values)
+
+
+def training_sequences(table: pa.Table) -> pa.ListArray:
+    """What the model trains on: each user's first ``n_train`` items."""
+    return list_prefixes(table["item_indices"], table["n_train"].to_numpy())
+
+
+def holdout_examples(table: pa.Table, split: str, kind: str) -> tuple:
+    """Held-out next-item examples: ``(user_index (B,), histories ListArray, targets (B,))``.
+
+    Leave-one-out: ``split="valid"`` predicts the second last item from the ones before it,
+    ``"test"`` the last item from all before it. Time split (``kind="time"``): both predict
+    the first event after the cutoff from the events up to it. Users without a held-out
+    target (``train_only``) are left out.
+    """
+    if split not in ("valid", "test"):
+        raise EzSASRecError(f"--split: unknown evaluation split {split!r}; use valid or test")
+    table = table.filter(pc.invert(table["train_only"]))
+    n_events = table["n_events"].to_numpy().astype(np.int64)
+    if kind == "time":
+        history_len = table["n_train"].to_numpy().astype(np.int64)
+        keep = history_len >= 1
+        table, n_events, history_len = table.filter(pa.array(keep)), n_events[keep], \
+            history_len[keep]
+    else:
+        history_len = n_events - (2 if split == "valid" else 1)
+    items = table["item_indices"].combine_chunks()
+    offsets = items.offsets.to_numpy().astype(np.int64)
+    targets = items.values.to_numpy()[offsets[:-1] + history_len]
+    return (table["user_index"].to_numpy(), list_prefixes(items, history_len),
+            targets.astype(np.int32))
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -734,6 +781,18 @@ class PreparedDataset:
         import ray.data
 
         return ray.data.read_parquet(self.sequences_path, columns=columns)
+
+    @property
+    def split_kind(self) -> str:
+        return self.manifest["split"]
+
+    def training_sequences(self) -> pa.ListArray:
+        """Every user's training items, in user_index order."""
+        return training_sequences(self.sequences(["user_index", "item_indices", "n_train"]))
+
+    def holdout_examples(self, split: str = "test") -> tuple:
+        """``(user_index, histories, targets)`` for evaluation; see :func:`holdout_examples`."""
+        return holdout_examples(self.sequences(), split, self.split_kind)
 
     def vocab_fingerprint(self) -> str:
         """Hash of both vocabularies: models trained on this data record it."""
