@@ -24,12 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("synth", help="write a synthetic log with sequential structure")
-    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--users", type=int, default=5000)
     p.add_argument("--items", type=int, default=1000)
-    p.add_argument("--events", type=int, default=60_000)
+    p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--themes", type=int, default=8, help="hidden user themes (default 8)")
-    p.add_argument("--noise", type=float, default=0.15, help="share of random popular jumps")
+    p.add_argument("--themes", type=int, default=16, help="hidden user themes (default 16)")
+    p.add_argument("--noise", type=float, default=0.1, help="share of random popular jumps")
+    p.add_argument("--min-length", type=int, default=5, help="shortest user history")
     p.add_argument("--format", choices=["parquet", "csv", "tsv"], default="parquet")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -62,6 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shuffle partitions (default: sized to the cluster and data)")
     p.add_argument("--overwrite", action="store_true")
     _add_address(p)
+    p = commands.add_parser("train", help="train SASRec on Ray Train")
+    p.add_argument("--data", required=True, help="prepared-dataset directory")
+    p.add_argument("--output", required=True, help="model directory to write")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt")
+    p.add_argument("--maxlen", type=int, default=50)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--l2", type=float, default=0.0)
+    p.add_argument("--loss", default="softmax",
+                   help="bce | sampled_softmax | softmax | gbce (default softmax)")
+    p.add_argument("--negatives", type=int, default=256)
+    p.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                   default="float32")
+    p.add_argument("--xla", action="store_true")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-name", default=None,
+                   help="re-running with the same name resumes from its latest checkpoint")
+    p.add_argument("--storage-path", default=None, help="checkpoints (shared on a cluster)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_address(p)
+
+    p = commands.add_parser("evaluate", help="full-catalog leave-one-out metrics + baselines")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--protocol", choices=["full", "sampled"], default="full")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20, 50])
+    p.add_argument("--include-seen", action="store_true",
+                   help="do not exclude the user's history from the ranking")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser
 
 
@@ -71,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
         synth(args.output, users=args.users, items=args.items, events=args.events,
               seed=args.seed, themes=args.themes, noise=args.noise, format=args.format,
+              min_length=args.min_length,
               overwrite=args.overwrite, address=args.address)
     elif args.command == "prepare":
         from .data import prepare
@@ -80,6 +121,24 @@ def run(args: argparse.Namespace) -> int:
             "min_user", "min_item", "max_history", "dedupe", "split", "cutoff",
             "on_bad_lines", "num_partitions", "overwrite")}
         prepare(args.input, args.output, address=args.address, **options)
+    elif args.command == "train":
+        from .train import TrainConfig, train
+
+        options = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
+                   if hasattr(args, k)}
+        metrics = train(args.data, args.output, address=args.address,
+                        overwrite=args.overwrite, **options)
+        print(f"model written to {args.output}: best epoch {metrics['best_epoch']}, "
+              f"validation NDCG@10 {metrics['valid'].get('NDCG@10', float('nan')):.4f}, "
+              f"HR@10 {metrics['valid'].get('HR@10', float('nan')):.4f}")
+    elif args.command == "evaluate":
+        import json
+
+        from .evaluate import evaluate, format_table
+
+        result = evaluate(args.data, args.model, split=args.split, protocol=args.protocol,
+                          ks=tuple(args.k), exclude_seen=not args.include_seen)
+        print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 

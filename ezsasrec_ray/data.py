@@ -780,7 +780,8 @@ class PreparedDataset:
         """The sequences as a Ray Dataset (parallel Parquet reads)."""
         import ray.data
 
-        return ray.data.read_parquet(self.sequences_path, columns=columns)
+        dataset = ray.data.read_parquet(self.sequences_path)
+        return dataset.select_columns(columns) if columns else dataset
 
     @property
     def split_kind(self) -> str:

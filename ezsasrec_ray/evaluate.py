@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from .batching import left_pad
-from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, ranking_metrics
-from .topk import TopK, rank_from_scores, sampled_ranks
+from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, coverage, ranking_metrics
+from .topk import TopK, rank_from_scores, sampled_ranks, top_k_from_scores
 
 
 def _batches(num_rows: int, batch_size: int):
@@ -32,8 +32,11 @@ def _ragged_rows(values, offsets, rows):
 
 
 def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_seen=True,
-                protocol: str = "full", negatives=None) -> np.ndarray:
-    """0-based rank of each target. histories: ``(values, offsets)`` ragged item indices."""
+                protocol: str = "full", negatives=None, top: np.ndarray | None = None):
+    """0-based rank of each target. histories: ``(values, offsets)`` ragged item indices.
+
+    With ``top`` (an int array (B, k)), also fills in each user's top-k items (for coverage).
+    """
     values, offsets = (np.asarray(a) for a in histories)
     table = np.asarray(model.item_embeddings().numpy(), np.float32)
     topk = TopK(table)
@@ -50,6 +53,8 @@ def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_se
             width = max(1, int(np.diff(seqs[1]).max(initial=1)))
             seen = left_pad(seqs, width)
         ranks[rows] = topk.target_ranks(user_vecs, targets[rows], histories=seen)
+        if top is not None:
+            top[rows] = topk(user_vecs, top.shape[1], histories=seen)[0]
     return ranks
 
 
@@ -69,7 +74,7 @@ def evaluate_examples(model, histories, targets, *, batch_size: int = 1024, ks=D
 
 
 def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
-                   exclude_seen: bool = True) -> np.ndarray:
+                   exclude_seen: bool = True, top: np.ndarray | None = None) -> np.ndarray:
     values, offsets = (np.asarray(a) for a in histories)
     ranks = np.empty(len(targets), np.int64)
     for rows in _batches(len(targets), batch_size):
@@ -79,6 +84,9 @@ def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
         scores = baseline.scores(padded)
         ranks[rows] = rank_from_scores(scores, targets[rows],
                                        padded if exclude_seen else None)
+        if top is not None:
+            top[rows] = top_k_from_scores(scores, top.shape[1],
+                                          histories=padded if exclude_seen else None)[0]
     return ranks
 
 
@@ -120,16 +128,19 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
                             negatives=negatives)
         result["model"] = ranking_metrics(ranks, ks)
         return result
-    ranks = model_ranks(model, ragged, targets, batch_size=batch_size, exclude_seen=exclude_seen)
-    result["model"] = ranking_metrics(ranks, ks)
+    top = np.zeros((len(targets), 10), np.int32)
+    ranks = model_ranks(model, ragged, targets, batch_size=batch_size, exclude_seen=exclude_seen,
+                        top=top)
+    result["model"] = {**ranking_metrics(ranks, ks), "coverage@10": coverage(top, data.num_items)}
     if baselines:
         train = data.training_sequences()
         for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
                                ("markov", MarkovBaseline(data.num_items))):
             baseline.fit(train)
-            result[name] = ranking_metrics(
-                baseline_ranks(baseline, ragged, targets, batch_size=min(batch_size, 256),
-                               exclude_seen=exclude_seen), ks)
+            ranks = baseline_ranks(baseline, ragged, targets, batch_size=min(batch_size, 256),
+                                   exclude_seen=exclude_seen, top=top)
+            result[name] = {**ranking_metrics(ranks, ks),
+                            "coverage@10": coverage(top, data.num_items)}
     for block in ("model", "popularity", "markov"):
         if block in result:
             result[block].pop("users", None)

@@ -5,11 +5,11 @@ The generator (all vectorized numpy, one call per block of users):
 * Item popularity is Zipf-like: "noise" events and each user's first item are drawn with
   probability proportional to ``1 / rank ** zipf``.
 * There are ``themes`` random permutations of the catalog. Each user has one theme and walks
-  along that theme's permutation: the next item is 1 to 3 steps ahead of the current one.
+  along that theme's permutation: the next item is 1 to ``max_step`` places ahead.
   With probability ``noise`` the user instead jumps to a popular random item.
 * So the next item depends on the user's theme, which only the *last few* items reveal: a
   first-order Markov chain sees an item followed by successors from every theme and splits
-  its bet ``themes`` ways, while a sequential model that reads the history can tell which
+  its bet ``themes x max_step`` ways, while a sequential model that reads the history can tell which
   theme it is in. Popularity alone knows nothing of the walk.
 * Timestamps increase along each history (a random start plus exponential gaps).
 
@@ -33,12 +33,13 @@ START_TIME = 1_600_000_000  # 2020-09-13, unix seconds
 
 @dataclass
 class SynthConfig:
-    users: int = 2000
+    users: int = 5000
     items: int = 1000
-    events: int = 60_000
+    events: int = 200_000
     seed: int = 0
-    themes: int = 8
-    noise: float = 0.15
+    themes: int = 16
+    max_step: int = 2  # a walk moves 1..max_step places along its theme's permutation
+    noise: float = 0.1
     zipf: float = 1.0
     min_length: int = 5
     users_per_block: int = 50_000
@@ -95,7 +96,7 @@ def generate_block(block: dict, config: SynthConfig, lengths_ref, catalog_ref) -
     items = np.empty((num_users, steps), np.int64)
     items[:, 0] = current
     for step in range(1, steps):
-        ahead = rng.integers(1, 4, size=num_users)
+        ahead = rng.integers(1, config.max_step + 1, size=num_users)
         pos = (position[theme, current] + ahead) % config.items
         walk = perms[theme, pos]
         jump = popular_order[rng.choice(config.items, size=num_users, p=popularity)]
@@ -112,7 +113,7 @@ def generate_block(block: dict, config: SynthConfig, lengths_ref, catalog_ref) -
     }
 
 
-def synth(output: str, *, users: int = 2000, items: int = 1000, events: int = 60_000,
+def synth(output: str, *, users: int = 5000, items: int = 1000, events: int = 200_000,
           seed: int = 0, overwrite: bool = False, address: str | None = None,
           verbose: bool = True, **options) -> dict:
     """Write a synthetic log to ``output`` (a directory of Parquet/CSV files). Returns a summary.

@@ -317,12 +317,27 @@ def train_loop_per_worker(loop_config: dict):
                 _save_checkpoint(tmp, model, optimizer, state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=ckpt)
-        fault = os.environ.get("EZSASREC_FAULT_KILL_AT_EPOCH")
-        if fault and int(fault) == epoch and rank == world - 1 and checkpoint is None:
-            marker = loop_config.get("fault_marker")
-            if marker and not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)  # fault injection for tests: this worker process dies
+        if rank == 0 and loop_config["train"].get("verbose", True):
+            print(f"epoch {epoch:>3}: loss {record['loss']:.4f}  "
+                  f"{record['sequences_per_s']:,.0f} seq/s  "
+                  f"valid NDCG@10 {score:.4f} HR@10 {metrics.get('HR@10', 0.0):.4f}"
+                  f"{'  *' if improved else ''}", flush=True)
+        _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world)
+
+
+def _maybe_inject_fault(fault: dict | None, epoch: int, rank: int, world: int):
+    """Test hook: the last worker's process dies once, right after reporting ``epoch``.
+
+    Enabled by ``EZSASREC_FAULT_KILL_AT_EPOCH=N`` and ``EZSASREC_FAULT_MARKER=path`` in the
+    driver's environment; the marker file makes it happen only once.
+    """
+    if not fault or fault.get("kill_at_epoch") != epoch or rank != world - 1:
+        return
+    marker = fault["marker"]
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"killed worker rank {rank} after epoch {epoch}\n")
+        os._exit(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +356,12 @@ def _training_dataset(data):
 
     return data.sequences_dataset(columns=["item_indices", "n_train"]).map_batches(
         to_train, batch_format="pyarrow", batch_size=None)
+
+
+def _fault_from_env() -> dict | None:
+    epoch = os.environ.get("EZSASREC_FAULT_KILL_AT_EPOCH")
+    marker = os.environ.get("EZSASREC_FAULT_MARKER")
+    return {"kill_at_epoch": int(epoch), "marker": marker} if epoch and marker else None
 
 
 def train(data: str, output: str, *, address: str | None = None, overwrite: bool = False,
@@ -380,10 +401,10 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
 
     cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1))
                                          // config.num_workers)
-    loop_config = {"train": {**asdict(config), "verbose": False}, "model": model_config.to_dict(),
+    loop_config = {"train": asdict(config), "model": model_config.to_dict(),
                    "threads": cpus, "valid_path": valid_path,
                    "popularity_path": popularity_path,
-                   "fault_marker": os.environ.get("EZSASREC_FAULT_MARKER")}
+                   "fault": _fault_from_env()}
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
