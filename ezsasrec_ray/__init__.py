@@ -1,11 +1,16 @@
 """ezsasrec_ray: SASRec from raw interaction logs to top-N recommendations, on Ray.
 
+``prepare``, ``synth`` and ``load_model`` are here; the stages that import TensorFlow are
+imported from their modules: ``from ezsasrec_ray.train import train``,
+``from ezsasrec_ray.evaluate import evaluate``.
+
 Stages, one module each: :mod:`.data` (prepare), :mod:`.synth`, :mod:`.model`,
 :mod:`.train`, :mod:`.evaluate`, :mod:`.score`, :mod:`.serve`.
 """
 
 from .data import PrepareConfig, PreparedDataset, load_prepared, prepare
 from .errors import EzSASRecError, PrepareError
+from .model_io import load_model
 from .synth import synth
 
 __version__ = "0.1.0"
@@ -15,6 +20,7 @@ __all__ = [
     "PrepareConfig",
     "PrepareError",
     "PreparedDataset",
+    "load_model",
     "load_prepared",
     "prepare",
     "synth",

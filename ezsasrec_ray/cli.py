@@ -25,10 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("synth", help="write a synthetic log with sequential structure")
     p.add_argument("--users", type=int, default=5000)
-    p.add_argument("--items", type=int, default=1000)
+    p.add_argument("--items", type=int, default=500)
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--themes", type=int, default=16, help="hidden user themes (default 16)")
+    p.add_argument("--themes", type=int, default=8, help="hidden user themes (default 8)")
+    p.add_argument("--max-step", type=int, default=4,
+                   help="a walk moves 1..max-step places along its theme (default 4)")
     p.add_argument("--noise", type=float, default=0.1, help="share of random popular jumps")
     p.add_argument("--min-length", type=int, default=5, help="shortest user history")
     p.add_argument("--format", choices=["parquet", "csv", "tsv"], default="parquet")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
         synth(args.output, users=args.users, items=args.items, events=args.events,
               seed=args.seed, themes=args.themes, noise=args.noise, format=args.format,
-              min_length=args.min_length,
+              min_length=args.min_length, max_step=args.max_step,
               overwrite=args.overwrite, address=args.address)
     elif args.command == "prepare":
         from .data import prepare

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args(argv)
 
     from . import data, synth

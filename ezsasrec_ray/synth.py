@@ -34,11 +34,11 @@ START_TIME = 1_600_000_000  # 2020-09-13, unix seconds
 @dataclass
 class SynthConfig:
     users: int = 5000
-    items: int = 1000
+    items: int = 500
     events: int = 200_000
     seed: int = 0
-    themes: int = 16
-    max_step: int = 2  # a walk moves 1..max_step places along its theme's permutation
+    themes: int = 8
+    max_step: int = 4  # a walk moves 1..max_step places along its theme's permutation
     noise: float = 0.1
     zipf: float = 1.0
     min_length: int = 5
@@ -113,7 +113,7 @@ def generate_block(block: dict, config: SynthConfig, lengths_ref, catalog_ref) -
     }
 
 
-def synth(output: str, *, users: int = 5000, items: int = 1000, events: int = 200_000,
+def synth(output: str, *, users: int = 5000, items: int = 500, events: int = 200_000,
           seed: int = 0, overwrite: bool = False, address: str | None = None,
           verbose: bool = True, **options) -> dict:
     """Write a synthetic log to ``output`` (a directory of Parquet/CSV files). Returns a summary.

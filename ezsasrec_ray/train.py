@@ -70,6 +70,8 @@ class TrainConfig:
     precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16 (GPU)
     xla: bool = False
     patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    time_budget_s: float | None = None  # stop after the epoch that crosses this training time
+    trim_batches: bool = True  # False: fixed maxlen-wide batches, no bucketing (for benchmarks)
     seed: int = 0
     max_failures: int = 2
     keep_checkpoints: int = 2
@@ -277,13 +279,21 @@ def train_loop_per_worker(loop_config: dict):
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["bad_epochs"] >= cfg.patience:
             break
+        if cfg.time_budget_s and state.get("train_seconds", 0.0) >= cfg.time_budget_s:
+            break
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         started = time.time()
         total_loss, steps, sequences_seen = 0.0, 0, 0
-        for rows in epoch_batches(lengths, cfg.batch_size, rng):
+        positions = 0
+        bucket_batches = 32 if cfg.trim_batches else 1
+        for rows in epoch_batches(lengths, cfg.batch_size, rng, bucket_batches):
             batch_values, batch_offsets = _take_rows(values, offsets, rows)
             inputs, positives = make_inputs((batch_values, batch_offsets), model_config.maxlen,
                                             rng)
+            if not cfg.trim_batches and inputs.shape[1] < model_config.maxlen:
+                pad = ((0, 0), (model_config.maxlen - inputs.shape[1], 0))
+                inputs, positives = np.pad(inputs, pad), np.pad(positives, pad)
+            positions += inputs.size
             if cfg.loss == "bce":
                 negatives = sample_negatives(rng, positives.shape, num_items)
             elif cfg.loss in ("sampled_softmax", "gbce"):
@@ -300,15 +310,20 @@ def train_loop_per_worker(loop_config: dict):
         totals = all_sum(tf.constant([sums[n] for n in names] + [counts], tf.float64)).numpy()
         users = max(totals[-1], 1.0)
         metrics = {name: float(totals[i] / users) for i, name in enumerate(names)}
-        throughput = all_sum(tf.constant([sequences_seen], tf.float64)).numpy()[0]
+        throughput, positions = all_sum(
+            tf.constant([sequences_seen, positions], tf.float64)).numpy()
         record = {"epoch": epoch, "loss": total_loss / max(steps, 1),
                   "sequences_per_s": throughput / max(train_seconds, 1e-9),
+                  "positions_per_s": positions / max(train_seconds, 1e-9),
                   "epoch_seconds": time.time() - started, "train_seconds": train_seconds,
                   "valid_users": int(totals[-1]), **{f"valid_{k}": v for k, v in metrics.items()}}
         score = metrics.get("NDCG@10", 0.0)
         improved = score > state["best"]
+        # every worker sees the same (all-reduced) numbers, so all stop at the same epoch
+        mean_seconds = all_sum(tf.constant([train_seconds], tf.float64)).numpy()[0] / world
         state.update(epoch=epoch, best=max(state["best"], score),
-                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+                     bad_epochs=0 if improved else state["bad_epochs"] + 1,
+                     train_seconds=state.get("train_seconds", 0.0) + float(mean_seconds))
         state["history"].append(record)
         report = {**record, "NDCG@10": score, "best_NDCG@10": state["best"]}
         with tempfile.TemporaryDirectory() as tmp:
