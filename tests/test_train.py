@@ -70,9 +70,10 @@ def test_model_refused_with_other_vocabularies(trained, tmp_path):
         evaluate(str(tmp_path / "other"), path)
 
 
-def test_resume_same_run_name_and_worker_kill(prepared, tmp_path, monkeypatch):
+def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monkeypatch):
     """Two workers; one dies after epoch 2 and the run resumes from its checkpoint. A later
-    run with the same name and more epochs resumes from the latest checkpoint again."""
+    run with the same name and more epochs resumes from the latest checkpoint again, and the
+    two-worker model ends as good as the one-worker model trained for as many epochs."""
     storage = str(tmp_path / "runs")
     marker = tmp_path / "killed"
     monkeypatch.setenv("EZSASREC_FAULT_KILL_AT_EPOCH", "2")
@@ -85,12 +86,14 @@ def test_resume_same_run_name_and_worker_kill(prepared, tmp_path, monkeypatch):
     assert state["epoch"] == 3 and state["resumed_from_epoch"] in (1, 2)  # not from scratch
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     monkeypatch.delenv("EZSASREC_FAULT_KILL_AT_EPOCH")
-    metrics = train(prepared, str(tmp_path / "b"), epochs=4, **options)
+    metrics = train(prepared, str(tmp_path / "b"), epochs=8, **options)
     state = _latest_state(storage, "resume")
-    assert state["resumed_from_epoch"] == 3 and metrics["epochs_run"] == 4
-    # two workers learn as well as one does on the same data
-    result = evaluate(prepared, str(tmp_path / "b"), split="test")
-    assert result["model"]["NDCG@10"] > 1.5 * result["popularity"]["NDCG@10"]
+    assert state["resumed_from_epoch"] == 3 and metrics["epochs_run"] == 8
+    # two workers learn as well as one does on the same data, for the same number of epochs
+    two = evaluate(prepared, str(tmp_path / "b"), split="test")
+    one = evaluate(prepared, trained[0], split="test", baselines=False)
+    assert two["model"]["NDCG@10"] > 1.2 * two["popularity"]["NDCG@10"]
+    assert two["model"]["NDCG@10"] > 0.8 * one["model"]["NDCG@10"]
 
 
 def _latest_state(storage, run_name):
