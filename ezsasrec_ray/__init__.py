@@ -11,6 +11,7 @@ Stages, one module each: :mod:`.data` (prepare), :mod:`.synth`, :mod:`.model`,
 from .data import PrepareConfig, PreparedDataset, load_prepared, prepare
 from .errors import EzSASRecError, PrepareError
 from .model_io import load_model
+from .score import recommend, score_pairs
 from .synth import synth
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "load_model",
     "load_prepared",
     "prepare",
+    "recommend",
+    "score_pairs",
     "synth",
     "__version__",
 ]

@@ -104,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-seen", action="store_true",
                    help="do not exclude the user's history from the ranking")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = commands.add_parser("score", help="top-N over the full catalog for every user")
+    p.add_argument("--data", required=True, help="prepared-dataset directory")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--output", required=True, help="output directory to write")
+    p.add_argument("--top-n", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true",
+                   help="also recommend items in the user's history")
+    p.add_argument("--holdout", choices=["test"], default=None,
+                   help="score as of before the test target (offline checks)")
+    p.add_argument("--users", default=None, help="file of raw user ids (one a line): a subset")
+    p.add_argument("--exclude-items", default=None, help="file of raw item ids never returned")
+    p.add_argument("--candidates", default=None, help="file of raw item ids: only these")
+    p.add_argument("--batch-size", type=int, default=1024, help="users per batch")
+    p.add_argument("--actors", type=int, default=1, help="scoring actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0)
+    p.add_argument("--format", choices=["parquet", "jsonl", "csv"], default="parquet")
+    p.add_argument("--overwrite", action="store_true")
+    _add_address(p)
     return parser
 
 
@@ -141,6 +160,15 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.data, args.model, split=args.split, protocol=args.protocol,
                           ks=tuple(args.k), exclude_seen=not args.include_seen)
         print(json.dumps(result) if args.json else format_table(result))
+    elif args.command == "score":
+        from .score import recommend
+
+        recommend(args.model, args.data, top_n=args.top_n, output=args.output,
+                  include_seen=args.include_seen, holdout=args.holdout, users=args.users,
+                  exclude_items=args.exclude_items, candidates=args.candidates,
+                  batch_size=args.batch_size, actors=args.actors,
+                  gpus_per_actor=args.gpus_per_actor, format=args.format,
+                  overwrite=args.overwrite, address=args.address)
     return 0
 
 

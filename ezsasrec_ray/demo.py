@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on the embedded synthetic default.
 
-synth -> prepare -> train -> evaluate (score lands with its issue) in one local Ray.
+synth -> prepare -> train -> evaluate -> score every user, in one local Ray.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
 
     from . import data, synth
     from .evaluate import evaluate, format_table
+    from .score import recommend
     from .train import train
 
     started = time.time()
@@ -42,6 +43,16 @@ def main(argv=None) -> int:
     model, pop, markov = (result[k]["NDCG@10"] for k in ("model", "popularity", "markov"))
     print(f"NDCG@10: SASRec {model:.4f} vs popularity {pop:.4f} ({model / pop:.1f}x) and "
           f"Markov chain {markov:.4f} ({model / markov:.2f}x)")
+    scores_dir = os.path.join(args.workdir, "recommendations")
+    print("== 5. score every user over the full catalog (top 10, history excluded)")
+    manifest = recommend(model_dir, prepared_dir, top_n=10, output=scores_dir)
+    import pandas as pd
+
+    top = pd.read_parquet(os.path.join(scores_dir, "recommendations"))
+    print(f"{manifest['counts']['users_scored']:,} users scored; a few of them:")
+    for row in top.sort_values("user_id").head(5).itertuples():
+        items = ", ".join(str(i) for i in list(row.item_ids)[:5])
+        print(f"  user {row.user_id}: {items}, ...")
     print(f"demo finished in {time.time() - started:.0f}s; outputs in {args.workdir}/")
     return 0
 

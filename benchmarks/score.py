@@ -1,0 +1,352 @@
+"""Benchmark nightly full-catalog scoring (``ezsasrec_ray.score.recommend``) on this machine.
+
+Cases (random weights: speed does not depend on them; synthetic prepared datasets written
+directly with numpy, history lengths Beauty-like: at least 5, mean about 8.8, up to 200):
+
+(a) Beauty-size: 40,226 users x 54,542 items, top-10 (the size of Amazon Beauty 5-core).
+(b) 1M users x 100k items, top-100: a measured share of the users (``--big-sample``) is scored
+    and the time for 1M users is extrapolated from the measured rate (printed as such).
+
+Model: dim 64, maxlen 50, 2 blocks, 1 head. For each case: end-to-end users/s (with actor
+start-up), steady users/s (inside the scorer's batches), peak RSS of each scoring actor (and
+of the driver); the dense float32 matmul peak of this machine measured with numpy in the same
+run; the FLOPs each user costs (history encoder at the width actually used + catalog scoring)
+and the achieved rate: the roofline ratio. The baseline is a per-user loop in the style of the
+original ezSASRec (one user at a time through the model, the full catalog scored, a full
+argsort) on a subset of (a), timed in the same run, so the speedup is a measured ratio.
+
+Usage::
+
+    .venv/bin/python benchmarks/score.py --workdir /tmp/bench_score
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DIM, MAXLEN, BLOCKS, HEADS = 64, 50, 2, 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def history_lengths(rng, users: int) -> np.ndarray:
+    """Beauty-like: 5 + geometric (mean 8.8 in all), capped at 200."""
+    return np.minimum(5 + rng.geometric(1 / 4.8, users) - 1, 200).astype(np.int64)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_prepared(path: str, users: int, items: int, seed: int = 0) -> np.ndarray:
+    """A prepared-dataset directory (the layout ``load_prepared`` reads) with random sequences.
+    Returns the history lengths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    shutil.rmtree(path, ignore_errors=True)
+    for name in ("users", "items", "sequences"):
+        os.makedirs(os.path.join(path, name))
+    lengths = history_lengths(rng, users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.integers(1, items + 1, int(offsets[-1]), dtype=np.int32)
+    ids = np.arange(1, users + 1)
+    pq.write_table(pa.table({"raw_id": ids.astype(np.int64), "index": ids.astype(np.int32),
+                             "count": lengths}), os.path.join(path, "users", "part-0.parquet"))
+    counts = np.bincount(values, minlength=items + 1)[1:]
+    item_ids = np.arange(1, items + 1)
+    pq.write_table(pa.table({"raw_id": item_ids.astype(np.int64),
+                             "index": item_ids.astype(np.int32), "count": counts}),
+                   os.path.join(path, "items", "part-0.parquet"))
+    step = 250_000
+    for part, start in enumerate(range(0, users, step)):
+        stop = min(users, start + step)
+        local = offsets[start:stop + 1] - offsets[start]
+        lists = pa.ListArray.from_arrays(pa.array(local.astype(np.int32)),
+                                         pa.array(values[offsets[start]:offsets[stop]]))
+        n = lengths[start:stop].astype(np.int32)
+        pq.write_table(pa.table({
+            "user_index": ids[start:stop].astype(np.int32), "user_id": ids[start:stop],
+            "item_indices": lists, "n_events": n, "n_train": np.maximum(n - 2, 0),
+            "train_only": n < 3}), os.path.join(path, "sequences", f"part-{part:05d}.parquet"))
+    hashes = {}
+    for name in ("users", "items", "sequences"):
+        for file in sorted(os.listdir(os.path.join(path, name))):
+            hashes[f"{name}/{file}"] = _sha256(os.path.join(path, name, file))
+    manifest = {"format_version": 1, "kind": "ezsasrec_ray.prepared",
+                "source": {"input": "benchmarks/score.py (random sequences)"},
+                "has_time": False, "split": "loo",
+                "vocab": {"num_users": users, "num_items": items, "user_id_type": "int64",
+                          "item_id_type": "int64"},
+                "counts": {"events_kept": int(offsets[-1])}, "content_hashes": hashes}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return lengths
+
+
+def write_model(path: str, data, seed: int = 0) -> str:
+    """A random SASRec model directory (what ``load_model`` reads)."""
+    import keras
+
+    from ezsasrec_ray.model import SASRecConfig, build_model, save_model_files
+    from ezsasrec_ray.model_io import MODEL_FORMAT_VERSION
+
+    keras.utils.set_random_seed(seed)
+    shutil.rmtree(path, ignore_errors=True)
+    model = build_model(SASRecConfig(num_items=data.num_items, maxlen=MAXLEN, dim=DIM,
+                                     blocks=BLOCKS, heads=HEADS, dropout=0.0))
+    save_model_files(model, path)
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        json.dump({"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
+                   "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "vocab_fingerprint": data.vocab_fingerprint(), "note": "random weights"}, f)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def matmul_peak(seconds: float = 2.0) -> dict:
+    """Dense float32 matmul GFLOP/s with numpy (best of repeated runs), for two shapes: a large
+    square one and the catalog-scoring block (1024 users x 64 dims x 8192 items)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048),
+                            "scoring_1024x64x8192": (1024, 64, 8192)}.items():
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        c = np.empty((m, n), np.float32)
+        np.matmul(a, b, out=c)
+        best, end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            np.matmul(a, b, out=c)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+        out[name] = round(best, 1)
+    return out
+
+
+def encoder_flops(width: int, dim: int = DIM, blocks: int = BLOCKS) -> float:
+    """FLOPs of one history of ``width`` positions through the transformer: per block the
+    q/k/v, output and two feed-forward projections (12 W d^2) and the attention scores and
+    weighted sum over all W x W pairs (4 W^2 d)."""
+    return blocks * (12 * width * dim * dim + 4 * width * width * dim)
+
+
+def flops_per_user(lengths: np.ndarray, items_allowed: int) -> dict:
+    from ezsasrec_ray.score import bucket_widths
+
+    widths = bucket_widths(MAXLEN)
+    used = widths[np.searchsorted(widths, np.clip(lengths, 1, MAXLEN))]
+    encoder = float(np.mean([encoder_flops(int(w)) for w in used]))
+    catalog = 2.0 * DIM * items_allowed
+    return {"encoder": encoder, "encoder_at_maxlen": float(encoder_flops(MAXLEN)),
+            "catalog": catalog, "total": encoder + catalog}
+
+
+class ActorMemory:
+    """Peak RSS of every scoring actor process (by its Ray process title), sampled at 5 Hz."""
+
+    def __init__(self):
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if "BatchScorer" in cmd:
+                        rss = proc.memory_info().rss
+                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def split_times(model, data, top_n: int, users: int = 4096) -> dict:
+    """In this process: seconds per 1,000 users for the encoder and for the catalog top-k."""
+    from ezsasrec_ray.batching import left_pad
+    from ezsasrec_ray.score import user_vectors
+    from ezsasrec_ray.topk import TopK
+
+    table = data.sequences().slice(0, users)
+    hist = table["item_indices"].combine_chunks()
+    user_vectors(model, hist.slice(0, 64))  # trace once
+    t = time.perf_counter()
+    vecs = user_vectors(model, hist)
+    encode = time.perf_counter() - t
+    topk = TopK(model.item_embeddings().numpy())
+    t = time.perf_counter()
+    for start in range(0, len(hist), 1024):
+        part = hist.slice(start, 1024)
+        width = max(1, max(len(x) for x in part.to_pylist()))
+        topk(vecs[start:start + 1024], top_n, histories=left_pad(part, width))
+    score = time.perf_counter() - t
+    return {"encoder_ms_per_1k": round(1000 * encode / len(hist) * 1000, 1),
+            "catalog_ms_per_1k": round(1000 * score / len(hist) * 1000, 1)}
+
+
+def per_user_baseline(model, data, users: int, top_n: int) -> dict:
+    """The original ezSASRec's way: each user alone through the model, the whole catalog
+    scored, a full argsort, seen items dropped."""
+    from ezsasrec_ray.batching import left_pad
+
+    table = model.item_embeddings().numpy()
+    histories = data.sequences().slice(0, users)["item_indices"].to_pylist()
+    model.user_embeddings(left_pad([histories[0]], MAXLEN))
+    t = time.perf_counter()
+    for history in histories:
+        user = model.user_embeddings(left_pad([history], MAXLEN)).numpy()[0]
+        scores = table @ user
+        scores[0] = -np.inf
+        scores[history] = -np.inf
+        _ = np.argsort(-scores, kind="stable")[:top_n]
+    seconds = time.perf_counter() - t
+    return {"users": users, "seconds": round(seconds, 2), "users_per_s": users / seconds}
+
+
+def run_case(name: str, workdir: str, users: int, items: int, top_n: int, actors: int,
+             batch_size: int, peak: float, baseline_users: int = 0) -> dict:
+    from ezsasrec_ray.data import load_prepared
+    from ezsasrec_ray.model_io import load_model
+    from ezsasrec_ray.score import recommend
+
+    t = time.time()
+    data_dir = os.path.join(workdir, f"{name}_prepared")
+    lengths = write_prepared(data_dir, users, items)
+    data = load_prepared(data_dir)
+    model_dir = write_model(os.path.join(workdir, f"{name}_model"), data)
+    setup_s = time.time() - t
+    model = load_model(model_dir)
+    result = {"case": name, "users": users, "items": items, "top_n": top_n, "actors": actors,
+              "batch_size": batch_size, "mean_history": round(float(lengths.mean()), 2),
+              "setup_s": round(setup_s, 1)}
+    result["split"] = split_times(model, data, top_n)
+    if baseline_users:
+        result["baseline"] = per_user_baseline(model, data, baseline_users, top_n)
+    del model
+    with ActorMemory() as memory:
+        manifest = recommend(model_dir, data, top_n=top_n, output=os.path.join(workdir,
+                             f"{name}_scores"), actors=actors, batch_size=batch_size,
+                             overwrite=True, verbose=False)
+    timings = manifest["timings"]
+    flops = flops_per_user(lengths, manifest["counts"]["items_allowed"])
+    steady = users / max(timings["batches_s"] / actors, 1e-9)  # all actors busy in parallel
+    achieved = steady * flops["total"] / 1e9
+    result.update({
+        "end_to_end_s": timings["score_s"], "end_to_end_users_per_s": timings["users_per_s"],
+        "steady_users_per_s": round(steady, 1),
+        "actor_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
+        "flops_per_user_M": {k: round(v / 1e6, 2) for k, v in flops.items()},
+        "achieved_gflops": round(achieved, 1), "roofline_ratio": round(achieved / peak, 3),
+    })
+    if baseline_users:
+        result["speedup_steady"] = round(steady / result["baseline"]["users_per_s"], 1)
+        result["speedup_end_to_end"] = round(
+            timings["users_per_s"] / result["baseline"]["users_per_s"], 1)
+        result["baseline"]["users_per_s"] = round(result["baseline"]["users_per_s"], 1)
+    shutil.rmtree(os.path.join(workdir, f"{name}_scores"), ignore_errors=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="bench_output/score")
+    parser.add_argument("--beauty-users", type=int, default=40_226)
+    parser.add_argument("--beauty-items", type=int, default=54_542)
+    parser.add_argument("--big-users", type=int, default=1_000_000,
+                        help="users the (b) figures are extrapolated to")
+    parser.add_argument("--big-sample", type=int, default=40_000,
+                        help="users of (b) actually scored")
+    parser.add_argument("--big-items", type=int, default=100_000)
+    parser.add_argument("--baseline-users", type=int, default=300)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    import psutil
+    import ray
+
+    started = time.time()
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start, "
+          f"numpy {np.__version__}")
+    peaks = matmul_peak()
+    peak = max(peaks.values())
+    print(f"numpy float32 matmul peak (GFLOP/s, best of 2 s each): {peaks}; roofline uses "
+          f"{peak}")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = []
+    for name, users, items, top_n, baseline in (
+            ("a_beauty_size", args.beauty_users, args.beauty_items, 10, args.baseline_users),
+            ("b_1M_x_100k_sample", args.big_sample, args.big_items, 100, 0)):
+        result = run_case(name, args.workdir, users, items, top_n, args.actors,
+                          args.batch_size, peak, baseline)
+        results.append(result)
+        print(json.dumps(result, indent=None))
+    big = results[1]
+    extrapolated = args.big_users / big["steady_users_per_s"]
+    print("\n== summary (random weights; dim 64, maxlen 50, 2 blocks; "
+          f"{args.actors} actor(s) on {os.cpu_count()} CPUs)")
+    print(f"{'case':<28}{'users':>10}{'items':>9}{'top':>5}{'e2e u/s':>10}{'steady u/s':>12}"
+          f"{'MFLOP/u':>9}{'GFLOP/s':>9}{'roofline':>10}{'actor RSS MiB':>15}")
+    for r in results:
+        print(f"{r['case']:<28}{r['users']:>10,}{r['items']:>9,}{r['top_n']:>5}"
+              f"{r['end_to_end_users_per_s']:>10,.0f}{r['steady_users_per_s']:>12,.0f}"
+              f"{r['flops_per_user_M']['total']:>9.2f}{r['achieved_gflops']:>9.1f}"
+              f"{r['roofline_ratio']:>10.1%}{str(r['actor_peak_rss_mib']):>15}")
+    a = results[0]
+    print(f"(a) per-user loop baseline (original ezSASRec style) on {a['baseline']['users']} "
+          f"users: {a['baseline']['users_per_s']:.1f} users/s -> speedup {a['speedup_steady']}x "
+          f"steady, {a['speedup_end_to_end']}x end to end (with actor start-up)")
+    print(f"(b) extrapolated from {args.big_sample:,} scored users: {args.big_users:,} users "
+          f"x {args.big_items:,} items, top-100 in {extrapolated / 60:.1f} min "
+          f"({extrapolated:,.0f} s) at the steady rate, plus actor start-up")
+    print(f"encoder vs catalog, ms per 1k users in the driver: (a) {a['split']}, "
+          f"(b) {big['split']}")
+    print(f"driver RSS at the end {psutil.Process().memory_info().rss / 2**20:,.0f} MiB; "
+          f"load average at end {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+          f"total {time.time() - started:.0f}s")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,829 @@
+"""Nightly full-catalog scoring: the top-N items for every user, on Ray Data batch inference.
+
+The shape of a run::
+
+    driver:  open the prepared dataset and the model directory (no TensorFlow on the driver),
+             refuse different vocabularies, resolve --users / --exclude-items / --candidates
+             to indices (unknown users: error; unknown items: counted, reported, ignored)
+    Ray Data: read_parquet(sequences) -> map_batches(BatchScorer) on an actor pool
+             (the model loads once per actor; ``num_gpus`` per actor when asked)
+             -> write_parquet | write_json | write_csv into a temporary sibling directory
+    driver:  check that every expected user was written exactly once, write manifest.json,
+             then _SUCCESS, then rename the directory into place (atomic)
+
+Per batch (:class:`BatchScorer`): the histories (whole sequences, or everything before the
+test target with ``holdout="test"``) go through :func:`user_vectors` (the model's
+``user_embeddings``), then :class:`.topk.TopK` scores the catalog in item chunks with a running
+top-k merge: memory per actor is O(batch x (chunk + k)), never O(batch x catalog). The user's
+own history is excluded unless ``include_seen``; item 0 (padding) is never returned; indices
+map back to raw ids. Each output row is ``user_id, item_ids (list), scores (list)``, sorted by
+score descending, ties broken by the smaller item index. A user with fewer than N allowed items
+gets a shorter list.
+
+Determinism. The results are identical for any number of actors, batch size and chunk size:
+TopK's order is exact (see :mod:`.topk`), and the user vectors are bitwise reproducible because
+every encoder call has a fixed shape. A float32 matmul rounds differently for different batch
+shapes (oneDNN/BLAS pick other kernels), so :func:`user_vectors` puts each user in a width
+bucket fixed by its own history length (8, 16, 32, ... up to maxlen; the model gives the same
+outputs for a history trimmed on the left) and encodes each bucket in calls of a fixed number
+of rows, padding the last call with empty histories. A user's vector then never depends on the
+other users of its batch.
+
+Fault tolerance: the actor pool restarts dead actors and retries their batches
+(``max_restarts``, ``max_task_retries``); a batch's rows are written only by the try that
+completes, and the driver checks the row count before publishing. For the tests,
+``EZSASREC_FAULT_SCORE_CRASH_ONCE=<marker path>`` in the driver's environment makes the first
+actor that gets a batch create the marker and die (``os._exit(1)``) before scoring it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import EzSASRecError, find_user_error
+
+FORMAT_VERSION = 1
+FAULT_ENV = "EZSASREC_FAULT_SCORE_CRASH_ONCE"
+FORMATS = ("parquet", "jsonl", "csv")
+HOLDOUTS = ("test", "valid")
+DEFAULT_BATCH_SIZE = 1024  # users per Ray Data batch
+DEFAULT_CHUNK_SIZE = 8192  # items per catalog chunk
+RESULTS_DIR = "recommendations"
+SEQUENCE_COLUMNS = ["user_index", "user_id", "item_indices", "n_events", "n_train", "train_only"]
+_MIN_WIDTH = 8  # narrowest history bucket
+_CALL_TOKENS = 4096  # rows x width of one encoder call (rows a power of two in 64..512)
+_SCORE_ROWS = 1024  # users per TopK call (bounds the (rows, history) exclusion matrix)
+_READ_ROWS = 65536  # users per block read from the sequence files
+
+
+# --------------------------------------------------------------------------------------------
+# User vectors: the model's user_embeddings, with a fixed shape per call
+
+
+def bucket_widths(maxlen: int) -> np.ndarray:
+    """History widths the encoder is called with: 8, 16, 32, ... below maxlen, then maxlen."""
+    widths, width = [], _MIN_WIDTH
+    while width < maxlen:
+        widths.append(width)
+        width *= 2
+    widths.append(maxlen)
+    return np.array(widths, np.int64)
+
+
+def rows_per_call(width: int) -> int:
+    """Rows of one encoder call for histories of this width (fixed: a power of two)."""
+    rows = 2 ** int(math.log2(max(1, _CALL_TOKENS // max(1, width))))
+    return int(min(512, max(64, rows)))
+
+
+def user_vectors(model, histories) -> np.ndarray:
+    """User representations ``model.user_embeddings(left_pad(history, maxlen))`` -> (B, dim).
+
+    histories: anything :func:`.batching.left_pad` accepts (a pyarrow ListArray, a list of
+    arrays, ...). Each user is encoded in the narrowest width bucket that holds its last
+    ``maxlen`` items, in calls of a fixed shape, so the result is bitwise independent of
+    which other users are in ``histories`` (see the module docstring).
+    """
+    from .batching import left_pad
+
+    maxlen, dim = model.config.maxlen, model.config.dim
+    padded = left_pad(histories, maxlen)  # (B, maxlen) int32
+    out = np.empty((padded.shape[0], dim), np.float32)
+    if padded.shape[0] == 0:
+        return out
+    widths = bucket_widths(maxlen)
+    lengths = np.count_nonzero(padded, axis=1)  # items are never 0
+    bucket = np.searchsorted(widths, np.maximum(lengths, 1))
+    for b, width in enumerate(widths):
+        rows = np.flatnonzero(bucket == b)
+        if rows.size == 0:
+            continue
+        width = int(width)
+        step = rows_per_call(width)
+        for start in range(0, rows.size, step):
+            part = rows[start:start + step]
+            x = np.zeros((step, width), np.int32)
+            x[: part.size] = padded[part, maxlen - width:]
+            out[part] = model.user_embeddings(x).numpy()[: part.size]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Raw ids <-> indices
+
+
+def raw_ids_by_index(vocab: pa.Table) -> pa.Array:
+    """A vocabulary table (raw_id, index 1..n) -> raw ids, position i = index i + 1."""
+    table = vocab.sort_by("index")
+    index = table["index"].to_numpy()
+    if not np.array_equal(index, np.arange(1, len(index) + 1)):
+        raise EzSASRecError("vocabulary indices are not 1..n; re-run prepare")
+    return table["raw_id"].combine_chunks()
+
+
+def _parse_ints(values: pa.Array) -> pa.Array:
+    """Strings -> int64, null where a value is not an integer."""
+    try:
+        return pc.cast(pc.utf8_trim_whitespace(values), pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = []
+        for value in values.to_pylist():
+            try:
+                out.append(int(value))
+            except (TypeError, ValueError):
+                out.append(None)
+        return pa.array(out, pa.int64())
+
+
+def lookup_ids(ids, vocab: pa.Table) -> tuple[np.ndarray, list]:
+    """Raw ids (any iterable or pyarrow array) -> (indices int64 with 0 = unknown, raw ids as
+    python values in the vocabulary's type, None where they cannot be)."""
+    raw = vocab["raw_id"].combine_chunks()
+    values = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(
+        [v.item() if isinstance(v, np.generic) else v for v in ids])
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_integer(raw.type):
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            values = _parse_ints(values)
+        elif pa.types.is_floating(values.type):
+            as_int = pc.cast(values, pa.int64(), safe=False)
+            values = pc.if_else(pc.equal(pc.cast(as_int, values.type), values), as_int, None)
+        values = values.cast(raw.type) if not pa.types.is_null(values.type) else \
+            pa.nulls(len(values), raw.type)
+    else:
+        values = values.cast(raw.type)
+    position = pc.index_in(values, value_set=raw)
+    index = vocab["index"].combine_chunks().take(position)
+    return (index.fill_null(0).to_numpy().astype(np.int64, copy=False),
+            values.to_pylist())
+
+
+def read_id_file(path: str, what: str) -> pa.Array:
+    """A file of raw ids: text with one id a line (blank lines skipped), or the first column
+    of a Parquet file -> string or typed pyarrow array."""
+    if not os.path.isfile(path):
+        raise EzSASRecError(f"--{what} {path}: file not found")
+    if path.endswith(".parquet"):
+        try:
+            return pq.read_table(path).column(0).combine_chunks()
+        except Exception as exc:  # noqa: BLE001 - one line for any unreadable file
+            raise EzSASRecError(f"--{what} {path}: unreadable Parquet file ({exc})") from None
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return pa.array([line for line in lines if line], pa.string())
+
+
+def _id_values(ids, what: str) -> tuple[list, pa.Array | list, str]:
+    """An option given as a file path or as raw ids -> (given ids as python values, the ids
+    to look up, source for the manifest)."""
+    if isinstance(ids, (str, os.PathLike)):
+        path = os.fspath(ids)
+        values = read_id_file(path, what)
+        return values.to_pylist(), values, os.path.abspath(path)
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        return ids.to_pylist(), ids, "list"
+    ids = list(ids)
+    return ids, ids, "list"
+
+
+def resolve_items(ids, data, what: str) -> tuple[np.ndarray, dict]:
+    """Item ids -> (known indices, report). Unknown ids are ignored and reported."""
+    given, values, source = _id_values(ids, what)
+    index, _ = lookup_ids(values, data.items())
+    unknown = [str(g) for g, i in zip(given, index) if i == 0]
+    known = np.unique(index[index > 0])
+    report = {"source": source, "given": int(len(index)), "known": int(known.size),
+              "unknown": len(unknown), "unknown_examples": unknown[:10]}
+    return known, report
+
+
+def resolve_users(ids, data) -> tuple[np.ndarray, dict]:
+    """User ids -> (sorted unique user indices, report). An unknown user is an error."""
+    given, values, source = _id_values(ids, "users")
+    index, _ = lookup_ids(values, data.users())
+    if (index == 0).any():
+        bad = [repr(g) for g, i in zip(given, index) if i == 0]
+        raise EzSASRecError(
+            f"--users {source}: {len(bad)} unknown user id(s) not in {data.path} "
+            f"(first: {', '.join(bad[:5])})")
+    users = np.unique(index)
+    return users, {"source": source, "given": int(len(index)), "unique": int(users.size)}
+
+
+# --------------------------------------------------------------------------------------------
+# Opening the inputs
+
+
+def _open_data(data):
+    from .data import PreparedDataset, load_prepared
+
+    if isinstance(data, PreparedDataset):
+        return data
+    return load_prepared(os.fspath(data))
+
+
+def model_info(path: str) -> SimpleNamespace:
+    """What the driver needs of a model directory, without loading TensorFlow: the checks of
+    :func:`.model_io.load_model`, ``config`` and ``metadata``."""
+    from .model import CONFIG_FILE, WEIGHTS_FILE, SASRecConfig
+    from .model_io import MODEL_FORMAT_VERSION
+
+    metrics_path = os.path.join(path, "metrics.json")
+    if not os.path.isdir(path):
+        raise EzSASRecError(f"{path}: model directory not found")
+    if not os.path.exists(metrics_path):
+        raise EzSASRecError(f"{path}: not a model directory (no metrics.json)")
+    with open(metrics_path) as f:
+        metadata = json.load(f)
+    if metadata.get("kind") != "ezsasrec_ray.model" or \
+            metadata.get("format_version") != MODEL_FORMAT_VERSION:
+        raise EzSASRecError(f"{metrics_path}: unsupported model format "
+                            f"{metadata.get('format_version')!r}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not os.path.exists(os.path.join(path, name)):
+            raise EzSASRecError(f"{path}: incomplete model directory ({name} missing)")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = SASRecConfig.from_dict(json.load(f))
+    return SimpleNamespace(config=config, metadata=metadata, model_dir=os.path.abspath(path))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class _ModelSource:
+    """How actors get the model: a directory to load, or config + weights in the object store."""
+
+    info: SimpleNamespace
+    path: str | None = None
+    weights_ref: object = None
+    manifest: dict = field(default_factory=dict)
+
+
+def _model_source(model, ray_put=None) -> _ModelSource:
+    """A path: actors load the directory. A loaded model: its own weights travel through the
+    object store (``ray_put``), whatever is on disk; its ``metadata`` is kept."""
+    from .model import WEIGHTS_FILE
+
+    if isinstance(model, (str, os.PathLike)):
+        info = model_info(os.fspath(model))
+    else:
+        directory = getattr(model, "model_dir", None)
+        info = SimpleNamespace(config=model.config, metadata=getattr(model, "metadata", None),
+                               model_dir=directory)
+    metadata = info.metadata or {}
+    manifest = {"path": info.model_dir, "format_version": metadata.get("format_version"),
+                "trained_at": metadata.get("trained_at"),
+                "vocab_fingerprint": metadata.get("vocab_fingerprint"),
+                "best_epoch": metadata.get("best_epoch"), "config": info.config.to_dict()}
+    if isinstance(model, (str, os.PathLike)):
+        manifest["weights_sha256"] = _sha256(os.path.join(info.model_dir, WEIGHTS_FILE))
+        return _ModelSource(info=info, path=info.model_dir, manifest=manifest)
+    weights = [np.asarray(w) for w in model.get_weights()]
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(np.ascontiguousarray(w).tobytes())
+    manifest["weights_sha256"] = digest.hexdigest()  # of the arrays, not of a file
+    ref = ray_put(weights) if ray_put else None
+    return _ModelSource(info=info, weights_ref=ref, manifest=manifest)
+
+
+def _load_model_from_source(config: dict, path: str | None, weights_ref):
+    if path is not None:
+        from .model_io import load_model
+
+        return load_model(path)
+    import ray
+
+    from .model import SASRecConfig, build_model
+
+    model = build_model(SASRecConfig.from_dict(config))
+    model.set_weights(ray.get(weights_ref))
+    return model
+
+
+def _set_threads(threads: int | None):
+    """TF threads for this actor; on GPUs, memory growth (actors may share a GPU) and no TF32
+    (user vectors stay float32, as on CPU)."""
+    import tensorflow as tf
+
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if gpus:
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+    except RuntimeError:  # TF already initialized in this process
+        pass
+
+
+def _maybe_crash():
+    """Fault injection (tests): the first caller creates the marker file and dies."""
+    marker = os.environ.get(FAULT_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"scorer pid {os.getpid()} crashed here\n".encode())
+    os.close(fd)
+    os._exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-batch scorer (a Ray Data callable class; also usable locally)
+
+
+class BatchScorer:
+    """Sequences batch (pyarrow) -> one row per user: ``user_id, item_ids, scores``.
+
+    Built once per actor: loads the model, builds one :class:`.topk.TopK` over the item table
+    (with the exclusions and candidates), and reads the item vocabulary.
+    """
+
+    def __init__(self, *, model_config: dict | None = None, model_path: str | None = None,
+                 weights_ref=None, model=None, data_path: str, top_n: int, holdout: str | None = None,
+                 split_kind: str = "loo", include_seen: bool = False, users_ref=None,
+                 exclude_items=None, candidates=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 threads: int | None = None, list_encoding: str | None = None,
+                 stats=None):
+        import ray
+
+        from .data import load_prepared
+        from .topk import TopK
+
+        _set_threads(threads)
+        self.model = model if model is not None else _load_model_from_source(
+            model_config, model_path, weights_ref)
+        table = np.asarray(self.model.item_embeddings().numpy(), np.float32)
+
+        def get(x):
+            return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+        exclude_items, candidates = get(exclude_items), get(candidates)
+        self.users = get(users_ref)  # sorted user indices or None
+        self.topk = TopK(table, exclude_items=exclude_items, candidates=candidates,
+                         chunk_size=chunk_size)
+        self.item_ids = raw_ids_by_index(load_prepared(data_path).items())
+        self.top_n, self.holdout, self.split_kind = int(top_n), holdout, split_kind
+        self.include_seen = include_seen
+        self.list_encoding = list_encoding
+        self.stats = stats
+
+    def histories(self, batch: pa.Table) -> tuple[pa.Table, pa.ListArray]:
+        """The users kept and the history each is scored on (time order)."""
+        from .data import holdout_examples
+
+        if batch.num_rows and self.users is not None:
+            index = batch["user_index"].to_numpy()
+            pos = np.minimum(np.searchsorted(self.users, index), max(self.users.size - 1, 0))
+            keep = (self.users[pos] == index) if self.users.size else np.zeros(len(index), bool)
+            batch = batch.filter(pa.array(keep))
+        if self.holdout is None or batch.num_rows == 0:
+            return batch, batch["item_indices"].combine_chunks()
+        user_index, histories, _ = holdout_examples(batch, self.holdout, self.split_kind)
+        index = batch["user_index"].to_numpy()
+        order = np.argsort(index, kind="stable")
+        rows = order[np.searchsorted(index[order], user_index)]
+        return batch.take(pa.array(rows)), histories
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _maybe_crash()
+        started = time.perf_counter()
+        first = int(pc.min(batch["user_index"]).as_py()) if batch.num_rows else -1
+        users, histories = self.histories(batch)
+        result = self.score(users["user_id"].combine_chunks(), histories)
+        if self.stats is not None and first >= 0:
+            import ray
+
+            lengths = pc.list_value_length(result["item_ids"]).to_numpy()
+            ray.get(self.stats.record.remote(first, {
+                "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
+                "seconds": time.perf_counter() - started}))
+        if self.list_encoding == "json":
+            result = pa.table({
+                "user_id": result["user_id"],
+                "item_ids": pa.array([json.dumps(v) for v in result["item_ids"].to_pylist()]),
+                "scores": pa.array([json.dumps(v) for v in result["scores"].to_pylist()]),
+            })
+        return result
+
+    def score(self, user_ids: pa.Array, histories: pa.ListArray) -> pa.Table:
+        """user ids (B,), histories (B lists of item indices) -> the output table."""
+        from .batching import left_pad
+
+        n = len(histories)
+        idx = np.zeros((n, self.top_n), np.int32)
+        sc = np.zeros((n, self.top_n), np.float32)
+        lengths = pc.list_value_length(histories).fill_null(0).to_numpy()
+        for start in range(0, n, _SCORE_ROWS):
+            stop = min(n, start + _SCORE_ROWS)
+            part = histories.slice(start, stop - start)
+            vecs = user_vectors(self.model, part)
+            seen = None
+            if not self.include_seen:
+                seen = left_pad(part, max(1, int(lengths[start:stop].max(initial=1))))
+            idx[start:stop], sc[start:stop] = self.topk(vecs, self.top_n, histories=seen)
+        valid = idx > 0  # padding (fewer allowed items than top_n) is never returned
+        offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+        items = self.item_ids.take(pa.array(idx[valid].astype(np.int64) - 1))
+        return pa.table({
+            "user_id": user_ids,
+            "item_ids": pa.ListArray.from_arrays(offsets, items),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(sc[valid], pa.float32())),
+        })
+
+
+def _stats_actor():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    class ScoreStats:
+        """Rows written per batch, keyed by the batch's first user: a retry does not add."""
+
+        def __init__(self):
+            self.batches = {}
+
+        def record(self, key, stats):
+            self.batches[key] = stats
+
+        def get(self):
+            return self.batches
+
+    return ScoreStats.remote()
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _read_sequence_files(batch: dict):
+    """Ray Data read step: Parquet files of sequences -> blocks of up to _READ_ROWS users."""
+    for path in batch["path"]:
+        for part in pq.ParquetFile(str(path)).iter_batches(batch_size=_READ_ROWS,
+                                                           columns=SEQUENCE_COLUMNS):
+            yield pa.Table.from_batches([part])
+
+
+def _sequences_dataset(data):
+    """The prepared sequences as a streaming Ray Dataset, one read task per file.
+
+    Not ``read_parquet``: its file-listing task needs a whole CPU, which a fixed actor pool
+    holding every CPU (2 actors on 2 cores) never frees, so the job would wait forever. These
+    read tasks take no CPU slot (reading is light next to scoring).
+    """
+    import ray.data
+
+    files = sorted(os.path.join(data.sequences_path, name)
+                   for name in os.listdir(data.sequences_path) if name.endswith(".parquet"))
+    if not files:
+        raise EzSASRecError(f"{data.path}: no sequence files in sequences/")
+    return ray.data.from_items([{"path": path} for path in files],
+                               override_num_blocks=len(files)).map_batches(
+        _read_sequence_files, batch_size=1, batch_format="numpy", num_cpus=0)
+
+
+def _expected_users(data, users: np.ndarray | None, holdout: str | None) -> tuple[int, int]:
+    """-> (users that will be scored, users skipped for having no held-out target)."""
+    requested = data.num_users if users is None else int(users.size)
+    if holdout is None:
+        return requested, 0
+    table = pq.read_table(data.sequences_path, columns=["user_index", "train_only", "n_train"])
+    keep = ~table["train_only"].to_numpy(zero_copy_only=False)
+    if data.split_kind == "time":  # as in data.holdout_examples
+        keep &= table["n_train"].to_numpy() >= 1
+    if users is not None:
+        keep &= np.isin(table["user_index"].to_numpy(), users)
+    return int(keep.sum()), requested - int(keep.sum())
+
+
+def _count_rows(directory: str, fmt: str) -> int:
+    total = 0
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith((".", "_")) or not os.path.isfile(path):
+            continue
+        if fmt == "parquet":
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            with open(path, "rb") as f:
+                lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+            total += lines - (1 if fmt == "csv" and lines else 0)
+    return total
+
+
+def _cluster_threads(actors: int, cpus_per_actor: float) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    node_cpus = max([int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
+                     if n.get("Alive")] or [cpus])
+    return max(1, int(cpus_per_actor), min(node_cpus, cpus // max(1, actors)))
+
+
+def recommend(model, data, top_n: int = 10, output: str | None = None, *,
+              include_seen: bool = False, holdout: str | None = None, users=None,
+              exclude_items=None, candidates=None, batch_size: int = DEFAULT_BATCH_SIZE,
+              chunk_size: int = DEFAULT_CHUNK_SIZE, actors: int = 1,
+              gpus_per_actor: float = 0, cpus_per_actor: float = 1,
+              threads_per_actor: int | None = None, format: str = "parquet",
+              overwrite: bool = False, address: str | None = None, verbose: bool = True):
+    """Top-``top_n`` items for every user (or ``users``) of a prepared dataset.
+
+    Args:
+        model: a model directory path or a loaded :class:`.model.SASRec`.
+        data: a prepared-dataset path or a :class:`.data.PreparedDataset`.
+        output: directory to write; None returns the (lazy) Ray Dataset instead.
+        include_seen: also recommend items in the user's history (excluded by default).
+        holdout: None (the whole sequence) or ``"test"`` (score as of before the test target;
+            users without one are skipped).
+        users, exclude_items, candidates: a file path (one raw id a line, or a Parquet file's
+            first column) or an iterable of raw ids. Unknown users are an error; unknown items
+            are reported in the manifest and ignored.
+        batch_size: users per Ray Data batch; chunk_size: items per catalog chunk.
+        actors, gpus_per_actor, cpus_per_actor, threads_per_actor: the actor pool (threads
+            default to the cluster's CPUs shared among the actors).
+        format: parquet | jsonl | csv (csv: the lists as JSON strings).
+
+    Returns the Ray Dataset of ``user_id, item_ids, scores`` rows when ``output`` is None,
+    else the manifest dict (also written to ``output/manifest.json``).
+    """
+    started = time.time()
+    top_n, batch_size, chunk_size, actors = (int(v) for v in (top_n, batch_size, chunk_size,
+                                                              actors))
+    if top_n < 1:
+        raise EzSASRecError(f"--top-n must be >= 1, got {top_n}")
+    if batch_size < 1 or chunk_size < 1:
+        raise EzSASRecError(f"--batch-size and chunk size must be >= 1, got {batch_size} "
+                            f"and {chunk_size}")
+    if actors < 1:
+        raise EzSASRecError(f"--actors must be >= 1, got {actors}")
+    if gpus_per_actor < 0 or cpus_per_actor < 0:
+        raise EzSASRecError("--gpus-per-actor and cpus per actor must be >= 0")
+    if format not in FORMATS:
+        raise EzSASRecError(f"--format: unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    if holdout is not None and holdout not in HOLDOUTS:
+        raise EzSASRecError(f"--holdout: unknown split {holdout!r}; use test")
+    if output is not None:
+        output = os.fspath(output).removeprefix("file://")
+        if os.path.exists(output) and not overwrite:
+            raise EzSASRecError(f"--output {output}: already exists; pass --overwrite to "
+                                "replace it")
+    data = _open_data(data)
+    source = _model_source(model)
+    from .model_io import check_vocab
+
+    check_vocab(source.info, data)
+    if source.info.config.num_items != data.num_items:
+        raise EzSASRecError(f"model has {source.info.config.num_items} items but {data.path} "
+                            f"has {data.num_items}: different vocabularies")
+    user_set, user_report = (None, None) if users is None else resolve_users(users, data)
+    exclude, exclude_report = (None, None) if exclude_items is None else \
+        resolve_items(exclude_items, data, "exclude-items")
+    allowed, candidate_report = (None, None) if candidates is None else \
+        resolve_items(candidates, data, "candidates")
+    if allowed is not None and allowed.size == 0:
+        raise EzSASRecError(f"--candidates {candidate_report['source']}: none of the "
+                            f"{candidate_report['given']} ids is in the item vocabulary")
+
+    from .data import init_ray
+
+    init_ray(address)
+    import ray
+    import ray.data
+
+    if source.path is None:  # a loaded model: ship its weights
+        source = _model_source(model, ray_put=ray.put)
+    threads = int(threads_per_actor or _cluster_threads(actors, cpus_per_actor))
+    env = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    stats = _stats_actor() if output is not None else None
+    scorer_kwargs = {
+        "model_config": source.info.config.to_dict(), "model_path": source.path,
+        "weights_ref": source.weights_ref, "data_path": os.path.abspath(data.path),
+        "top_n": top_n, "holdout": holdout, "split_kind": data.split_kind,
+        "include_seen": include_seen,
+        "users_ref": None if user_set is None else ray.put(user_set),
+        "exclude_items": exclude, "candidates": allowed, "chunk_size": chunk_size,
+        "threads": threads, "list_encoding": "json" if format == "csv" else None,
+        "stats": stats,
+    }
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries only go through ray_remote_args, which Ray 2.60
+        # flags as deprecated; they are also Ray Data's defaults for actor pools.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        dataset = _sequences_dataset(data).map_batches(
+            BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+            runtime_env={"env_vars": env}, max_restarts=-1, max_task_retries=-1)
+    if output is None:
+        return dataset
+
+    options = {"top_n": top_n, "include_seen": include_seen, "holdout": holdout,
+               "users": user_report and user_report["source"],
+               "exclude_items": exclude_report and exclude_report["source"],
+               "candidates": candidate_report and candidate_report["source"],
+               "batch_size": batch_size, "chunk_size": chunk_size, "actors": actors,
+               "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor,
+               "threads_per_actor": threads, "format": format}
+    expected, skipped = _expected_users(data, user_set, holdout)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:8]}")
+    results = os.path.join(tmp, RESULTS_DIR)
+    os.makedirs(results)
+    try:
+        t = time.time()
+        try:
+            # Write tasks take no CPU slot either (the actors may hold them all).
+            write_args = {"ray_remote_args": {"num_cpus": 0}}
+            if format == "parquet":
+                dataset.write_parquet(results, **write_args)
+            elif format == "jsonl":  # 15 decimals: float32 scores round-trip
+                dataset.write_json(results, double_precision=15, **write_args)
+            else:
+                dataset.write_csv(results, **write_args)
+        except Exception as exc:
+            user_error = find_user_error(exc)
+            if user_error is not None and user_error is not exc:
+                raise type(user_error)(user_error.message) from None
+            raise
+        score_s = time.time() - t
+        batches = ray.get(stats.get.remote())
+        written = _count_rows(results, format)
+        scored = sum(b["rows"] for b in batches.values())
+        busy_s = sum(b["seconds"] for b in batches.values())
+        if written != expected or scored != expected:
+            raise EzSASRecError(f"scoring wrote {written:,} rows ({scored:,} counted by the "
+                                f"batches) but {expected:,} users were expected; output not "
+                                "published")
+        counts = {
+            "users_scored": written,
+            "users_requested": data.num_users if user_set is None else int(user_set.size),
+            "users_skipped_no_target": skipped,
+            "users_with_fewer_than_top_n": sum(b["short"] for b in batches.values()),
+            "batches": len(batches),
+            "items_in_catalog": data.num_items,
+            "items_allowed": int(_allowed_count(data.num_items, exclude, allowed)),
+        }
+        if user_report:
+            counts["users_file"] = user_report
+        if exclude_report:
+            counts["exclude_items"] = exclude_report
+        if candidate_report:
+            counts["candidates"] = candidate_report
+        total_s = time.time() - started
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "ezsasrec_ray.scores",
+            "output": os.path.abspath(output),
+            "results": RESULTS_DIR,
+            "columns": ["user_id", "item_ids", "scores"],
+            "order": "score descending, ties by smaller item index",
+            "data": {"path": os.path.abspath(data.path),
+                     "vocab_fingerprint": data.vocab_fingerprint(),
+                     "num_users": data.num_users, "num_items": data.num_items},
+            "model": source.manifest,
+            "options": options,
+            "counts": counts,
+            "timings": {"score_s": round(score_s, 3), "total_s": round(total_s, 3),
+                        "users_per_s": round(written / max(score_s, 1e-9), 1),
+                        # time inside the scorer's batches, summed over actors (no start-up)
+                        "batches_s": round(busy_s, 3),
+                        "users_per_actor_s": round(written / max(busy_s, 1e-9), 1)},
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2, default=str)
+        with open(os.path.join(tmp, "_SUCCESS"), "w") as f:
+            f.write("")
+        if os.path.exists(output) and not overwrite:
+            raise EzSASRecError(f"--output {output}: already exists; pass --overwrite")
+        from .data import publish_directory
+
+        publish_directory(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if stats is not None:
+            ray.kill(stats)
+    if verbose:
+        print(format_summary(manifest), flush=True)
+    return manifest
+
+
+def _allowed_count(num_items: int, exclude, candidates) -> int:
+    allowed = np.zeros(num_items + 1, bool)
+    if candidates is None:
+        allowed[1:] = True
+    else:
+        allowed[candidates] = True
+    if exclude is not None:
+        allowed[exclude] = False
+    return int(allowed[1:].sum())
+
+
+def format_summary(manifest: dict) -> str:
+    """The closing summary of a scoring run."""
+    c, t = manifest["counts"], manifest["timings"]
+    lines = [f"{'users scored':<30}{c['users_scored']:>14,}",
+             f"{'users/s':<30}{t['users_per_s']:>14,.0f}",
+             f"{'users/s per actor, busy':<30}{t['users_per_actor_s']:>14,.0f}",
+             f"{'top-N':<30}{manifest['options']['top_n']:>14,}",
+             f"{'items allowed':<30}{c['items_allowed']:>14,}"]
+    if c.get("users_skipped_no_target"):
+        lines.append(f"{'users skipped (no target)':<30}{c['users_skipped_no_target']:>14,}")
+    if c.get("users_with_fewer_than_top_n"):
+        lines.append(f"{'users with < N items':<30}{c['users_with_fewer_than_top_n']:>14,}")
+    for key, label in (("exclude_items", "--exclude-items"), ("candidates", "--candidates")):
+        if key in c and c[key]["unknown"]:
+            lines.append(f"{label + ' unknown ids ignored':<30}{c[key]['unknown']:>14,} "
+                         f"(e.g. {', '.join(c[key]['unknown_examples'][:3])})")
+    lines += [f"time {t['total_s']:.1f}s (scoring {t['score_s']:.1f}s)",
+              f"output {manifest['output']} ({manifest['options']['format']} in "
+              f"{manifest['results']}/, manifest.json, _SUCCESS)"]
+    width = max(len(line) for line in lines)
+    return "\n".join(["score summary", "-" * width, *lines])
+
+
+# --------------------------------------------------------------------------------------------
+# Scores of given (user, item) pairs
+
+
+def score_pairs(model, data, user_ids, item_ids, *, holdout: str | None = None):
+    """Scores of every (user, item) pair -> pandas DataFrame, users as rows, items as columns.
+
+    Raw ids in (any iterable), raw ids out (index ``user_id``, columns ``item_id``). The scores
+    are the exact scores :func:`recommend` returns (same user vectors, see :mod:`.topk`).
+    Unknown users or items are an error. Runs on the driver (no Ray).
+    """
+    import pandas as pd
+
+    from .data import holdout_examples
+    from .model_io import check_vocab, load_model
+    from .topk import exact_scores
+
+    data = _open_data(data)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(os.fspath(model))
+    check_vocab(model, data)
+    if holdout is not None and holdout not in HOLDOUTS:
+        raise EzSASRecError(f"holdout: unknown split {holdout!r}; use test")
+    user_ids, item_ids = list(user_ids), list(item_ids)
+    uidx, user_raw = lookup_ids(user_ids, data.users())
+    iidx, item_raw = lookup_ids(item_ids, data.items())
+    for name, idx, given in (("user", uidx, user_ids), ("item", iidx, item_ids)):
+        if (idx == 0).any():
+            bad = [repr(g) for g, i in zip(given, idx) if i == 0]
+            raise EzSASRecError(f"score_pairs: {len(bad)} unknown {name} id(s) not in "
+                                f"{data.path} (first: {', '.join(bad[:5])})")
+    wanted = np.unique(uidx)
+    table = pq.read_table(data.sequences_path, columns=SEQUENCE_COLUMNS,
+                          filters=[("user_index", "in", wanted.tolist())]) if wanted.size \
+        else pq.read_table(data.sequences_path, columns=SEQUENCE_COLUMNS).slice(0, 0)
+    if holdout is None:
+        index, histories = table["user_index"].to_numpy(), table["item_indices"].combine_chunks()
+    else:
+        index, histories, _ = holdout_examples(table, holdout, data.split_kind)
+        missing = np.setdiff1d(wanted, index)
+        if missing.size:
+            raise EzSASRecError(f"score_pairs: {missing.size} user(s) have no {holdout} target")
+    order = np.argsort(index)
+    rows = order[np.searchsorted(index[order], uidx)]
+    vecs = user_vectors(model, histories.take(pa.array(rows)) if len(rows) else histories)
+    item_table = np.asarray(model.item_embeddings().numpy(), np.float32)
+    scores = exact_scores(vecs, item_table, np.broadcast_to(iidx, (len(uidx), len(iidx)))) \
+        if len(uidx) and len(iidx) else np.zeros((len(uidx), len(iidx)), np.float32)
+    return pd.DataFrame(scores, index=pd.Index(user_raw, name="user_id"),
+                        columns=pd.Index(item_raw, name="item_id"))
+
+
+__all__ = ["BatchScorer", "FAULT_ENV", "bucket_widths", "format_summary", "lookup_ids",
+           "model_info", "read_id_file", "recommend", "score_pairs", "user_vectors"]
