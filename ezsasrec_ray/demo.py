@@ -20,9 +20,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args(argv)
 
-    from . import data, synth
+    from .data import prepare
     from .evaluate import evaluate, format_table
     from .score import recommend
+    from .synth import synth
     from .train import train
 
     started = time.time()
@@ -30,9 +31,9 @@ def main(argv=None) -> int:
     log_dir = os.path.join(args.workdir, "log")
     prepared_dir = os.path.join(args.workdir, "prepared")
     print(f"== 1. synth: {args.users:,} users, {args.items:,} items, {args.events:,} events")
-    synth.synth(log_dir, users=args.users, items=args.items, events=args.events, seed=0)
+    synth(log_dir, users=args.users, items=args.items, events=args.events, seed=0)
     print("== 2. prepare (5-core, leave-one-out)")
-    data.prepare(log_dir, prepared_dir, k_core=5)
+    prepare(log_dir, prepared_dir, k_core=5)
     model_dir = os.path.join(args.workdir, "model")
     print(f"== 3. train SASRec on Ray Train ({args.epochs} epochs max, early stopping)")
     train(prepared_dir, model_dir, epochs=args.epochs, lr=4e-3, dim=64, dropout=0.1,
