@@ -184,23 +184,23 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def _remote_stats_actor():
+def keyed_stats_actor(**actor_options):
+    """A tiny actor that stores stats by key (file, batch...), so a retried task that records
+    its stats again replaces them instead of counting twice."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class ReadStats:
-        """Per-file read counts, keyed by file so a retried task does not count twice."""
-
+    @ray.remote(num_cpus=0, **actor_options)
+    class KeyedStats:
         def __init__(self):
-            self.files = {}
+            self.entries = {}
 
-        def record(self, uri, stats):
-            self.files[uri] = stats
+        def record(self, key, stats):
+            self.entries[key] = stats
 
         def get(self):
-            return self.files
+            return self.entries
 
-    return ReadStats.remote()
+    return KeyedStats.remote()
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def _build_sequences(group: dict, raw_users: pa.Array, has_time: bool, split: st
 # Output helpers
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -475,7 +475,7 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
             print(message, flush=True)
 
     # 1. Read ---------------------------------------------------------------------------------
-    stats_actor = _remote_stats_actor()
+    stats_actor = keyed_stats_actor()
     file_rows = [{"uri": uri, "file_index": index} for index, uri in enumerate(files)]
     raw = (ray.data.from_items(file_rows, override_num_blocks=len(file_rows))
            .map_batches(_read_files, batch_size=1, batch_format="pyarrow",
@@ -650,7 +650,7 @@ def _hash_tree(root: str) -> dict:
     for directory, _, names in os.walk(root):
         for name in sorted(names):
             path = os.path.join(directory, name)
-            hashes[os.path.relpath(path, root)] = _sha256(path)
+            hashes[os.path.relpath(path, root)] = sha256_file(path)
     return dict(sorted(hashes.items()))
 
 

@@ -15,9 +15,9 @@ from .errors import EzSASRecError
 MODEL_FORMAT_VERSION = 1
 
 
-def load_model(path: str):
-    """Load a model directory -> :class:`.model.SASRec` with ``.model_dir`` and ``.metadata``."""
-    from .model import load_model_files
+def read_model_dir(path: str) -> tuple[dict, dict]:
+    """Check a model directory without loading TensorFlow -> ``(config dict, metadata)``."""
+    from .model import CONFIG_FILE, WEIGHTS_FILE
 
     metrics_path = os.path.join(path, "metrics.json")
     if not os.path.isdir(path):
@@ -30,6 +30,18 @@ def load_model(path: str):
             metadata.get("format_version") != MODEL_FORMAT_VERSION:
         raise EzSASRecError(f"{metrics_path}: unsupported model format "
                             f"{metadata.get('format_version')!r}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not os.path.exists(os.path.join(path, name)):
+            raise EzSASRecError(f"{path}: incomplete model directory ({name} missing)")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        return json.load(f), metadata
+
+
+def load_model(path: str):
+    """Load a model directory -> :class:`.model.SASRec` with ``.model_dir`` and ``.metadata``."""
+    from .model import load_model_files
+
+    _, metadata = read_model_dir(path)
     model = load_model_files(path)
     model.model_dir = os.path.abspath(path)
     model.metadata = metadata

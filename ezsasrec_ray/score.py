@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .data import keyed_stats_actor, sha256_file
 from .errors import EzSASRecError, find_user_error
 
 FORMAT_VERSION = 1
@@ -239,36 +240,13 @@ def _open_data(data):
 
 
 def model_info(path: str) -> SimpleNamespace:
-    """What the driver needs of a model directory, without loading TensorFlow: the checks of
-    :func:`.model_io.load_model`, ``config`` and ``metadata``."""
-    from .model import CONFIG_FILE, WEIGHTS_FILE, SASRecConfig
-    from .model_io import MODEL_FORMAT_VERSION
+    """What the driver needs of a model directory, without loading TensorFlow."""
+    from .model import SASRecConfig
+    from .model_io import read_model_dir
 
-    metrics_path = os.path.join(path, "metrics.json")
-    if not os.path.isdir(path):
-        raise EzSASRecError(f"{path}: model directory not found")
-    if not os.path.exists(metrics_path):
-        raise EzSASRecError(f"{path}: not a model directory (no metrics.json)")
-    with open(metrics_path) as f:
-        metadata = json.load(f)
-    if metadata.get("kind") != "ezsasrec_ray.model" or \
-            metadata.get("format_version") != MODEL_FORMAT_VERSION:
-        raise EzSASRecError(f"{metrics_path}: unsupported model format "
-                            f"{metadata.get('format_version')!r}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not os.path.exists(os.path.join(path, name)):
-            raise EzSASRecError(f"{path}: incomplete model directory ({name} missing)")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = SASRecConfig.from_dict(json.load(f))
-    return SimpleNamespace(config=config, metadata=metadata, model_dir=os.path.abspath(path))
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    config, metadata = read_model_dir(path)
+    return SimpleNamespace(config=SASRecConfig.from_dict(config), metadata=metadata,
+                           model_dir=os.path.abspath(path))
 
 
 @dataclass
@@ -298,7 +276,7 @@ def _model_source(model, ray_put=None) -> _ModelSource:
                 "vocab_fingerprint": metadata.get("vocab_fingerprint"),
                 "best_epoch": metadata.get("best_epoch"), "config": info.config.to_dict()}
     if isinstance(model, (str, os.PathLike)):
-        manifest["weights_sha256"] = _sha256(os.path.join(info.model_dir, WEIGHTS_FILE))
+        manifest["weights_sha256"] = sha256_file(os.path.join(info.model_dir, WEIGHTS_FILE))
         return _ModelSource(info=info, path=info.model_dir, manifest=manifest)
     weights = [np.asarray(w) for w in model.get_weights()]
     digest = hashlib.sha256()
@@ -459,25 +437,6 @@ class BatchScorer:
         })
 
 
-def _stats_actor():
-    import ray
-
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-    class ScoreStats:
-        """Rows written per batch, keyed by the batch's first user: a retry does not add."""
-
-        def __init__(self):
-            self.batches = {}
-
-        def record(self, key, stats):
-            self.batches[key] = stats
-
-        def get(self):
-            return self.batches
-
-    return ScoreStats.remote()
-
-
 # --------------------------------------------------------------------------------------------
 # The stage
 
@@ -624,7 +583,8 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
            "MKL_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
-    stats = _stats_actor() if output is not None else None
+    stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if output is not None \
+        else None
     scorer_kwargs = {
         "model_config": source.info.config.to_dict(), "model_path": source.path,
         "weights_ref": source.weights_ref, "data_path": os.path.abspath(data.path),
