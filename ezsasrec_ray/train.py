@@ -350,6 +350,9 @@ def _maybe_inject_fault(fault: dict | None, epoch: int, rank: int, world: int):
         return
     marker = fault["marker"]
     if not os.path.exists(marker):
+        # Ray Train's controller collects reports by polling the workers; give it time to
+        # register this epoch's checkpoint first, as a crash later in a real epoch would.
+        time.sleep(fault.get("delay_s", 5.0))
         with open(marker, "w") as f:
             f.write(f"killed worker rank {rank} after epoch {epoch}\n")
         os._exit(1)
