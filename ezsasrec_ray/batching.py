@@ -59,6 +59,14 @@ def _gather_right_aligned(values, first, counts, width):
     return np.where(ok, values[idx], 0).astype(np.int32)
 
 
+def take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+    """The selected rows of a ragged ``(values, offsets)`` array, as a new ``(values, offsets)``."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    take = np.repeat(offsets[rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return values[take], new_offsets
+
+
 def make_inputs(sequences, maxlen: int, rng=None):
     """Next-item training pairs for a batch of sequences.
 

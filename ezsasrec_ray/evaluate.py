@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batching import left_pad
+from .batching import left_pad, take_rows
 from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, coverage, ranking_metrics
 from .topk import TopK, rank_from_scores, sampled_ranks, top_k_from_scores
 
@@ -21,14 +21,6 @@ from .topk import TopK, rank_from_scores, sampled_ranks, top_k_from_scores
 def _batches(num_rows: int, batch_size: int):
     for start in range(0, num_rows, batch_size):
         yield np.arange(start, min(start + batch_size, num_rows))
-
-
-def _ragged_rows(values, offsets, rows):
-    starts, ends = offsets[rows], offsets[rows + 1]
-    lengths = ends - starts
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    take = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    return values[take], new_offsets
 
 
 def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_seen=True,
@@ -43,7 +35,7 @@ def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_se
     ranks = np.empty(len(targets), np.int64)
     maxlen = model.config.maxlen
     for rows in _batches(len(targets), batch_size):
-        seqs = _ragged_rows(values, offsets, rows)
+        seqs = take_rows(values, offsets, rows)
         user_vecs = np.asarray(model.user_embeddings(left_pad(seqs, maxlen)), np.float32)
         if protocol == "sampled":
             ranks[rows] = sampled_ranks(user_vecs, table, targets[rows], negatives[rows])
@@ -78,7 +70,7 @@ def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
     values, offsets = (np.asarray(a) for a in histories)
     ranks = np.empty(len(targets), np.int64)
     for rows in _batches(len(targets), batch_size):
-        seqs = _ragged_rows(values, offsets, rows)
+        seqs = take_rows(values, offsets, rows)
         width = max(1, int(np.diff(seqs[1]).max(initial=1)))
         padded = left_pad(seqs, width)
         scores = baseline.scores(padded)

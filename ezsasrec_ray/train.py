@@ -136,14 +136,6 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
-    """(values, offsets) of the selected rows of a ragged array."""
-    lengths = offsets[rows + 1] - offsets[rows]
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    take = np.repeat(offsets[rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    return values[take], new_offsets
-
-
 # --------------------------------------------------------------------------------------------
 # The worker loop
 
@@ -196,7 +188,7 @@ def train_loop_per_worker(loop_config: dict):
     import ray.train
     import tensorflow as tf
 
-    from .batching import make_inputs
+    from .batching import make_inputs, take_rows
     from .evaluate import evaluate_examples
     from .losses import get_loss, sample_negatives
     from .model import build_model
@@ -217,7 +209,7 @@ def train_loop_per_worker(loop_config: dict):
     lengths = np.diff(offsets)
     valid = np.load(loop_config["valid_path"], allow_pickle=False)
     rows = np.flatnonzero(valid["user_index"] % world == rank)  # this worker's share
-    v_values, v_offsets = _take_rows(valid["history_values"], valid["history_offsets"], rows)
+    v_values, v_offsets = take_rows(valid["history_values"], valid["history_offsets"], rows)
     v_targets = valid["targets"][rows]
     popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
 
@@ -287,7 +279,7 @@ def train_loop_per_worker(loop_config: dict):
         positions = 0
         bucket_batches = 32 if cfg.trim_batches else 1
         for rows in epoch_batches(lengths, cfg.batch_size, rng, bucket_batches):
-            batch_values, batch_offsets = _take_rows(values, offsets, rows)
+            batch_values, batch_offsets = take_rows(values, offsets, rows)
             inputs, positives = make_inputs((batch_values, batch_offsets), model_config.maxlen,
                                             rng)
             if not cfg.trim_batches and inputs.shape[1] < model_config.maxlen:
