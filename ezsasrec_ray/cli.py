@@ -123,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], default="parquet")
     p.add_argument("--overwrite", action="store_true")
     _add_address(p)
+
+    p = commands.add_parser("serve", help="answer recommendations online with Ray Serve")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", default=None,
+                   help="prepared dataset: user histories for user-id requests")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="fixed replicas (default 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="autoscale between MIN and MAX replicas")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
+    p.add_argument("--max-k", type=int, default=100)
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests batched per call")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests")
+    _add_address(p)
     return parser
 
 
@@ -169,6 +187,14 @@ def run(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, actors=args.actors,
                   gpus_per_actor=args.gpus_per_actor, format=args.format,
                   overwrite=args.overwrite, address=args.address)
+    elif args.command == "serve":
+        from .serve import run_server
+
+        run_server(args.model, args.data, host=args.host, port=args.port,
+                   replicas=args.replicas, autoscale=args.autoscale, address=args.address,
+                   num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_k=args.max_k,
+                   max_batch_size=args.max_batch_size,
+                   batch_wait_timeout_s=args.batch_wait_ms / 1000.0)
     return 0
 
 

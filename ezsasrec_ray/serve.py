@@ -1,0 +1,682 @@
+"""Online recommendations with Ray Serve: the nightly job's model, answering over HTTP.
+
+Two layers, so that the logic can be tested and reused without Serve:
+
+* :class:`Recommender` (plain Python, no Ray): a model directory, the item vocabulary and, for
+  user-id requests, every user's history from a prepared dataset, held in memory. It answers
+  *batches* of queries with the same functions as nightly batch scoring
+  (:func:`.score.user_vectors` for the user representation, :class:`.topk.TopK` for the exact
+  top-k, :func:`.topk.exact_scores` for given items), so for the same user, history and options
+  the endpoint returns exactly what ``ezsasrec score`` wrote.
+* :class:`RecommenderDeployment`: a Ray Serve deployment with a FastAPI ingress. ``/recommend``
+  and ``/score`` requests from many callers are grouped by ``@serve.batch`` and answered in
+  one vectorized call; validation happens before batching, so one bad request never fails the
+  others, and nothing a client sends can crash a replica.
+
+Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``, ``GET /readyz``, ``GET /version``
+and the OpenAPI docs at ``/docs``. With an API key (``EZSASREC_API_KEY`` or ``api_key``), the
+``/recommend``, ``/score`` and ``/version`` routes need ``X-API-Key: KEY`` or
+``Authorization: Bearer KEY`` (401 otherwise); health probes stay open.
+
+Memory: histories are held in memory as one int32 array of item indices plus int64 offsets
+(4 bytes an event + 8 bytes a user), with a pandas hash index of the raw user ids (about 25-50
+bytes a user for integer ids, more for strings): about 90 MB per million users with 10 events
+each, plus the model. :meth:`Recommender.memory_bytes` reports the figure for a loaded dataset.
+
+Deploy with ``serve/config.yaml`` (``serve deploy``/``serve run``; the app builder is
+:func:`build_app`) or ``ezsasrec serve`` (:func:`run_server`) for a local foreground server.
+"""
+
+
+import asyncio
+import hmac
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import EzSASRecError
+
+API_KEY_ENV = "EZSASREC_API_KEY"
+APP_NAME = "ezsasrec"
+DEPLOYMENT_NAME = "Recommender"
+
+
+@dataclass
+class ServeConfig:
+    """What a replica loads and the limits it enforces (validated before anything loads)."""
+
+    model: str  # model directory
+    data: str | None = None  # prepared dataset: user histories for user-id requests
+    max_k: int = 100  # largest k a request may ask for
+    max_history: int = 1000  # longest history a request may send
+    max_item_ids: int = 1000  # most item ids in one request's item_ids/exclude_items/candidates
+    max_batch_size: int = 32  # @serve.batch: requests answered in one call
+    batch_wait_timeout_s: float = 0.005  # @serve.batch: wait for more requests
+    api_key: str | None = None  # None: read EZSASREC_API_KEY; "" disables
+    model_version: str | None = None  # default: model dir name + weights hash prefix
+    threads: int | None = None  # TensorFlow threads per replica (None: TF's default)
+    precompute_user_vectors: bool = True  # encode every known user at start (4 x dim B each)
+
+    def __post_init__(self):
+        for name in ("max_k", "max_history", "max_item_ids", "max_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise EzSASRecError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_timeout_s < 0:
+            raise EzSASRecError(f"serve: batch_wait_timeout_s must be >= 0, "
+                                f"got {self.batch_wait_timeout_s}")
+        if not os.path.isdir(self.model):
+            raise EzSASRecError(f"serve: model {self.model}: directory not found")
+        if self.data is not None and not os.path.isdir(self.data):
+            raise EzSASRecError(f"serve: data {self.data}: directory not found")
+
+
+# --------------------------------------------------------------------------------------------
+# Raw ids -> indices (a hash index built once; requests look ids up in O(1))
+
+
+class IdIndex:
+    """Raw ids of a vocabulary (index order 1..n) -> indices, 0 for unknown.
+
+    Integer vocabularies accept ints and integer strings; string vocabularies accept strings
+    and ints (as their decimal text), like the batch job's id files.
+    """
+
+    def __init__(self, vocab):
+        import pandas as pd
+        import pyarrow as pa
+
+        from .score import raw_ids_by_index
+
+        raw = raw_ids_by_index(vocab)
+        self.is_int = pa.types.is_integer(raw.type)
+        self.raw = raw.to_numpy(zero_copy_only=False)  # (n,) position i = index i + 1
+        self.index = pd.Index(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def _normal(self, value):
+        if self.is_int:
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    return None
+            return None
+        return value if isinstance(value, str) else str(value)
+
+    def lookup(self, values) -> np.ndarray:
+        """Raw ids (list) -> indices (n,) int64, 0 where unknown."""
+        if len(values) == 0:
+            return np.zeros(0, np.int64)
+        normal = [self._normal(v) for v in values]
+        found = np.zeros(len(normal), np.int64)
+        ok = [i for i, v in enumerate(normal) if v is not None]
+        if ok:
+            pos = self.index.get_indexer([normal[i] for i in ok])
+            found[ok] = pos + 1  # -1 (unknown) -> 0
+        return found
+
+    def raw_ids(self, indices) -> list:
+        """Indices (1..n) -> raw ids as JSON-ready python values."""
+        return [v.item() if isinstance(v, np.generic) else v
+                for v in self.raw[np.asarray(indices, np.int64) - 1]]
+
+    def memory_bytes(self) -> int:
+        return int(self.index.memory_usage(deep=True) + getattr(self.raw, "nbytes", 0))
+
+
+class UserHistories:
+    """Every user's whole sequence (item indices, time order), user_index 1..U, in memory.
+
+    Stored as one int32 array of items and int64 offsets: ``items[offsets[u-1]:offsets[u]]``.
+    """
+
+    def __init__(self, data):
+        import pyarrow.compute as pc
+
+        table = data.sequences(["user_index", "item_indices"])  # sorted by user_index
+        user_index = table["user_index"].to_numpy()
+        lists = table["item_indices"].combine_chunks()
+        lengths = pc.list_value_length(lists).fill_null(0).to_numpy().astype(np.int64)
+        counts = np.zeros(data.num_users + 1, np.int64)  # a user without a row: empty history
+        counts[user_index] = lengths
+        self.offsets = np.cumsum(counts)  # (U+1,) offsets[0] = 0
+        self.items = np.ascontiguousarray(lists.flatten().to_numpy(), np.int32)  # (events,)
+
+    def get(self, user_index: int) -> np.ndarray:
+        return self.items[self.offsets[user_index - 1]:self.offsets[user_index]]
+
+    def memory_bytes(self) -> int:
+        return int(self.items.nbytes + self.offsets.nbytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Queries and answers (plain data; the HTTP layer validates and converts)
+
+
+@dataclass
+class Query:
+    """One request: a known user's history, or a history of raw item ids."""
+
+    user_id: object = None
+    history: list | None = None
+    k: int = 10
+    exclude_seen: bool = True
+    exclude_items: list | None = None
+    candidates: list | None = None
+    item_ids: list | None = None  # /score only
+
+
+@dataclass
+class _Resolved:
+    """A query in indices: the history to encode (None: fallback) and the options."""
+
+    history: np.ndarray | None  # (H,) int32 item indices, time order
+    unknown_items: list = field(default_factory=list)
+    exclude: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+    ignored: dict = field(default_factory=dict)
+    unknown_user: bool = False
+    user: int = 0  # user index of a user-id query (0: a history query)
+
+
+class Recommender:
+    """A loaded model (+ user histories) answering batches of queries. No Ray, no HTTP."""
+
+    def __init__(self, config: ServeConfig):
+        from .data import load_prepared
+        from .model_io import check_vocab, load_model
+        from .score import _set_threads
+        from .topk import TopK
+
+        self.config = config
+        _set_threads(config.threads)
+        started = time.perf_counter()
+        self.model = load_model(config.model)
+        self.metadata = self.model.metadata
+        self.item_table = np.asarray(self.model.item_embeddings().numpy(), np.float32)
+        self.topk = TopK(self.item_table)
+        self.users = self.histories = data = None
+        if config.data is not None:
+            data = load_prepared(config.data)
+            check_vocab(self.model, data)
+            self.users = IdIndex(data.users())
+            self.histories = UserHistories(data)
+        self.user_vecs = None
+        item_vocab = _item_vocab(config.model, data)
+        self.items = IdIndex(item_vocab)
+        counts = item_vocab.sort_by("index")["count"].to_numpy()
+        self.popularity = counts.astype(np.float64)  # (N,) item i+1's training count
+        self.popular_order = np.argsort(-self.popularity, kind="stable") + 1  # (N,) indices
+        self.model_version = config.model_version or _model_version(config.model)
+        self._warm_up()
+        if self.histories is not None and config.precompute_user_vectors:
+            self.user_vecs = self._encode_all_users()
+        self.load_seconds = time.perf_counter() - started
+
+    def _encode_all_users(self) -> np.ndarray:
+        """(U + 1, d) float32: every known user's vector, row 0 unused. The same
+        :func:`.score.user_vectors` on the same histories as the nightly job, done once."""
+        import pyarrow as pa
+
+        from .score import user_vectors
+
+        lists = pa.ListArray.from_arrays(pa.array(self.histories.offsets),
+                                         pa.array(self.histories.items))
+        out = np.zeros((len(lists) + 1, self.model.config.dim), np.float32)
+        step = 65536
+        for start in range(0, len(lists), step):
+            part = lists.slice(start, step)
+            out[1 + start:1 + start + len(part)] = user_vectors(self.model, part)
+        return out
+
+    def vectors(self, resolved: list) -> np.ndarray:
+        """(B, d) user vectors of resolved queries that have a history."""
+        from .score import user_vectors
+
+        out = np.empty((len(resolved), self.model.config.dim), np.float32)
+        cached = [j for j, r in enumerate(resolved) if r.user and self.user_vecs is not None]
+        if cached:
+            out[cached] = self.user_vecs[[resolved[j].user for j in cached]]
+        fresh = [j for j, r in enumerate(resolved) if j not in set(cached)]
+        if fresh:
+            out[fresh] = user_vectors(self.model, [resolved[j].history for j in fresh])
+        return out
+
+    def _warm_up(self):
+        """Trace the encoder for every history width, so first requests are not slow."""
+        from .score import bucket_widths, user_vectors
+
+        for width in bucket_widths(self.model.config.maxlen):
+            user_vectors(self.model, [np.ones(int(width), np.int32)])
+
+    # -- resolving raw ids ----------------------------------------------------------------------
+
+    def _items_or_none(self, values, name: str, ignored: dict):
+        if values is None:
+            return None
+        index = self.items.lookup(values)
+        if (index == 0).any():
+            ignored[name] = [v for v, i in zip(values, index) if i == 0]
+        return np.unique(index[index > 0])
+
+    def resolve(self, query: Query) -> _Resolved:
+        ignored: dict = {}
+        exclude = self._items_or_none(query.exclude_items, "exclude_items", ignored)
+        candidates = self._items_or_none(query.candidates, "candidates", ignored)
+        if query.history is not None:
+            index = self.items.lookup(query.history)
+            unknown = [v for v, i in zip(query.history, index) if i == 0]
+            history = index[index > 0].astype(np.int32)
+            return _Resolved(history if history.size else None, unknown, exclude, candidates,
+                             ignored)
+        if self.users is None:
+            raise EzSASRecError("user_id: this server has no user data (started without "
+                                "--data); send a history instead")
+        user = int(self.users.lookup([query.user_id])[0])
+        if user == 0:
+            return _Resolved(None, [], exclude, candidates, ignored, unknown_user=True)
+        history = self.histories.get(user)
+        return _Resolved(history if history.size else None, [], exclude, candidates, ignored,
+                         user=user)
+
+    # -- answering ------------------------------------------------------------------------------
+
+    def recommend_many(self, queries: list[Query]) -> list[dict]:
+        """Top-k for each query -> ``{"items", "scores", "model_version", "fallback", ...}``."""
+        from .batching import left_pad
+        from .topk import top_k
+
+        resolved = [self.resolve(q) for q in queries]
+        answers: list = [None] * len(queries)
+        model_rows = [i for i, r in enumerate(resolved) if r.history is not None]
+        if model_rows:
+            vecs = self.vectors([resolved[i] for i in model_rows])  # (B, d)
+            plain = [j for j, i in enumerate(model_rows)
+                     if resolved[i].exclude is None and resolved[i].candidates is None]
+            if plain:  # one TopK call for every request without per-request item options
+                k = max(queries[model_rows[j]].k for j in plain)
+                seen = [resolved[model_rows[j]].history if queries[model_rows[j]].exclude_seen
+                        else np.zeros(0, np.int32) for j in plain]
+                width = max(1, max(s.size for s in seen))
+                idx, sc = self.topk(vecs[plain], k, histories=left_pad(seen, width))
+                for row, j in enumerate(plain):
+                    i = model_rows[j]
+                    answers[i] = self._answer(idx[row, :queries[i].k], sc[row, :queries[i].k],
+                                              resolved[i], fallback=False)
+            for j, i in enumerate(model_rows):
+                if answers[i] is not None:
+                    continue
+                r, q = resolved[i], queries[i]
+                seen = left_pad([r.history], max(1, r.history.size)) if q.exclude_seen else None
+                idx, sc = top_k(vecs[j:j + 1], self.item_table, q.k, histories=seen,
+                                exclude_items=r.exclude, candidates=r.candidates,
+                                chunk_size=self.topk.chunk_size)
+                answers[i] = self._answer(idx[0], sc[0], r, fallback=False)
+        for i, r in enumerate(resolved):
+            if answers[i] is None:
+                answers[i] = self._popular(queries[i], r)
+        return answers
+
+    def _popular(self, query: Query, r: _Resolved) -> dict:
+        """The fallback: most popular items (training counts as scores), same exclusions."""
+        allowed = np.ones(len(self.popularity) + 1, bool)
+        allowed[0] = False
+        if r.candidates is not None:
+            allowed[:] = False
+            allowed[r.candidates] = True
+        if r.exclude is not None:
+            allowed[r.exclude] = False
+        order = self.popular_order[allowed[self.popular_order]][:query.k]
+        return self._answer(order, self.popularity[order - 1], r, fallback=True)
+
+    def _answer(self, idx, scores, r: _Resolved, *, fallback: bool) -> dict:
+        keep = np.asarray(idx) > 0  # padding (fewer allowed items than k) is never returned
+        answer = {"items": self.items.raw_ids(np.asarray(idx)[keep]),
+                  "scores": [float(s) for s in np.asarray(scores)[keep]],
+                  "model_version": self.model_version, "fallback": fallback,
+                  "unknown_items": r.unknown_items}
+        if r.unknown_user:
+            answer["unknown_user"] = True
+        if r.ignored:
+            answer["ignored_ids"] = r.ignored
+        return answer
+
+    def score_many(self, queries: list[Query]) -> list[dict]:
+        """Scores of each query's ``item_ids`` -> ``{"item_ids", "scores", ...}``."""
+        from .topk import exact_scores
+
+        answers: list = []
+        resolved = [self.resolve(q) for q in queries]
+        rows = [i for i, r in enumerate(resolved) if r.history is not None]
+        vecs = self.vectors([resolved[i] for i in rows]) if rows else None
+        position = {i: j for j, i in enumerate(rows)}
+        for i, (q, r) in enumerate(zip(queries, resolved)):
+            index = self.items.lookup(q.item_ids or [])
+            known = index > 0
+            answer = {"item_ids": [v for v, ok in zip(q.item_ids or [], known) if ok],
+                      "model_version": self.model_version, "unknown_items":
+                      r.unknown_items + [v for v, ok in zip(q.item_ids or [], known) if not ok]}
+            if r.history is None:
+                what = "user_id" if q.history is None else "history"
+                reason = "is not a known user" if r.unknown_user else "has no known items"
+                answer["error"] = f"{what}: {q.user_id if q.history is None else 'history'} " \
+                                  f"{reason}; no scores without a history"
+                answer["scores"] = []
+            else:
+                j = position[i]
+                scores = exact_scores(vecs[j:j + 1], self.item_table, index[known][None, :])
+                answer["scores"] = [float(s) for s in scores[0]]
+            answers.append(answer)
+        return answers
+
+    def memory_bytes(self) -> dict:
+        """Bytes held for ids and histories (the model and TF runtime not counted)."""
+        out = {"item_ids": self.items.memory_bytes(), "item_table": int(self.item_table.nbytes)}
+        if self.users is not None:
+            out["user_ids"] = self.users.memory_bytes()
+            out["histories"] = self.histories.memory_bytes()
+        if self.user_vecs is not None:
+            out["user_vectors"] = int(self.user_vecs.nbytes)
+        return out
+
+    def version(self) -> dict:
+        meta = self.metadata or {}
+        return {"model_version": self.model_version, "model_path": self.model.model_dir,
+                "format_version": meta.get("format_version"),
+                "trained_at": meta.get("trained_at"), "best_epoch": meta.get("best_epoch"),
+                "valid": meta.get("valid"), "test": meta.get("test"),
+                "data_path": os.path.abspath(self.config.data) if self.config.data else None,
+                "num_items": len(self.items),
+                "num_users": len(self.users) if self.users is not None else None}
+
+
+def _item_vocab(model_dir: str, data):
+    """The item vocabulary the model was trained with (copied into its directory by train),
+    else the prepared dataset's (whose fingerprint the model matched)."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(model_dir, "items")
+    if os.path.isdir(path):
+        return pq.read_table(path)
+    if data is None:
+        raise EzSASRecError(f"{model_dir}: model directory has no items/ vocabulary; "
+                            "give the prepared dataset (--data)")
+    return data.items()
+
+
+def _model_version(model_dir: str) -> str:
+    from .data import sha256_file
+    from .model import WEIGHTS_FILE
+
+    digest = sha256_file(os.path.join(model_dir, WEIGHTS_FILE))
+    return f"{os.path.basename(os.path.abspath(model_dir))}-{digest[:12]}"
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP: request models, the FastAPI app and the Serve deployment
+
+try:  # the HTTP layer needs fastapi (installed with ray[serve]); the Recommender does not
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+    from ray import serve
+except ImportError:  # pragma: no cover - documented requirement
+    serve = None
+
+if serve is not None:
+    RawId = StrictInt | StrictStr
+
+    class _Body(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        user_id: RawId | None = Field(None, description="a known user's raw id")
+        history: list[RawId] | None = Field(
+            None, description="raw item ids, oldest first (instead of user_id)")
+
+        def check(self, limits: ServeConfig):
+            if (self.user_id is None) == (self.history is None):
+                raise _BadRequest("user_id/history: give exactly one of them")
+            if self.history is not None and len(self.history) > limits.max_history:
+                raise _BadRequest(f"history: {len(self.history)} items, more than the "
+                                  f"maximum {limits.max_history}")
+
+    class RecommendRequest(_Body):
+        k: StrictInt = Field(10, ge=1, description="number of items to return")
+        exclude_seen: StrictBool = Field(True, description="never recommend history items")
+        exclude_items: list[RawId] | None = Field(None, description="never recommend these")
+        candidates: list[RawId] | None = Field(None, description="recommend only among these")
+
+        def check(self, limits: ServeConfig):
+            super().check(limits)
+            if self.k > limits.max_k:
+                raise _BadRequest(f"k: {self.k} is more than the maximum {limits.max_k}")
+            for name in ("exclude_items", "candidates"):
+                values = getattr(self, name)
+                if values is not None and len(values) > limits.max_item_ids:
+                    raise _BadRequest(f"{name}: {len(values)} ids, more than the maximum "
+                                      f"{limits.max_item_ids}")
+
+    class ScoreRequest(_Body):
+        item_ids: list[RawId] = Field(..., min_length=1, description="raw item ids to score")
+
+        def check(self, limits: ServeConfig):
+            super().check(limits)
+            if len(self.item_ids) > limits.max_item_ids:
+                raise _BadRequest(f"item_ids: {len(self.item_ids)} ids, more than the maximum "
+                                  f"{limits.max_item_ids}")
+
+    class RecommendResponse(BaseModel):
+        items: list[RawId]
+        scores: list[float]
+        model_version: str
+        fallback: bool
+        unknown_items: list[RawId] = []
+        unknown_user: bool | None = None
+        ignored_ids: dict[str, list[RawId]] | None = None
+
+    class ScoreResponse(BaseModel):
+        item_ids: list[RawId]
+        scores: list[float]
+        model_version: str
+        unknown_items: list[RawId] = []
+
+    class _BadRequest(Exception):
+        def __init__(self, message: str, status: int = 422):
+            super().__init__(message)
+            self.message, self.status = message, status
+
+    app = FastAPI(title="ezsasrec_ray", description="SASRec top-N recommendations, online.",
+                  version="1")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        """422 with one line naming the field: ``{"detail": "k: Input should be ..."}``."""
+        parts = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                parts.append(f"body: invalid JSON ({err.get('ctx', {}).get('error', '')})")
+                continue
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+
+    @app.exception_handler(_BadRequest)
+    async def _bad_request(request: Request, exc: _BadRequest):
+        return JSONResponse(status_code=exc.status, content={"detail": exc.message})
+
+    def _check_key(request: Request):
+        key = request.app.state.api_key
+        if not key:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong API key "
+                                "(X-API-Key header or Authorization: Bearer)")
+
+    def _query(body, **extra) -> Query:
+        return Query(user_id=body.user_id, history=body.history, **extra)
+
+    @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64,
+                      health_check_period_s=10, graceful_shutdown_timeout_s=10)
+    @serve.ingress(app)
+    class RecommenderDeployment:
+        """One replica: a :class:`Recommender` behind FastAPI routes, requests batched."""
+
+        def __init__(self, config: dict):
+            self.config = ServeConfig(**config)
+            key = self.config.api_key
+            app.state.api_key = os.environ.get(API_KEY_ENV, "") if key is None else key
+            self.recommender = Recommender(self.config)
+            self._batch_recommend.set_max_batch_size(self.config.max_batch_size)
+            self._batch_recommend.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+            self._batch_score.set_max_batch_size(self.config.max_batch_size)
+            self._batch_score.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+            self._lock = threading.Lock()  # one batch at a time through the model
+            self.batches = {"calls": 0, "requests": 0, "seconds": 0.0}  # for /readyz
+
+        def _run(self, method, queries):
+            with self._lock:
+                started = time.perf_counter()
+                answers = method(queries)
+                self.batches["calls"] += 1
+                self.batches["requests"] += len(queries)
+                self.batches["seconds"] += time.perf_counter() - started
+                return answers
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def _batch_recommend(self, queries: list[Query]) -> list[dict]:
+            return await asyncio.to_thread(self._run, self.recommender.recommend_many, queries)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def _batch_score(self, queries: list[Query]) -> list[dict]:
+            return await asyncio.to_thread(self._run, self.recommender.score_many, queries)
+
+        @app.post("/recommend", response_model=RecommendResponse,
+                  response_model_exclude_none=True, dependencies=[Depends(_check_key)])
+        async def recommend(self, body: RecommendRequest) -> dict:
+            """Top-k items for a known user (``user_id``) or for a ``history`` of raw item ids."""
+            body.check(self.config)
+            if body.user_id is not None and self.recommender.users is None:
+                raise _BadRequest("user_id: this server has no user data; send a history")
+            return await self._batch_recommend(_query(
+                body, k=body.k, exclude_seen=body.exclude_seen,
+                exclude_items=body.exclude_items, candidates=body.candidates))
+
+        @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(_check_key)])
+        async def score(self, body: ScoreRequest) -> dict:
+            """Scores of ``item_ids`` for a known user or a history."""
+            body.check(self.config)
+            if body.user_id is not None and self.recommender.users is None:
+                raise _BadRequest("user_id: this server has no user data; send a history")
+            answer = await self._batch_score(_query(body, item_ids=body.item_ids))
+            if "error" in answer:
+                raise _BadRequest(answer["error"], status=404)
+            return answer
+
+        @app.get("/healthz")
+        def healthz(self) -> dict:
+            """Alive."""
+            return {"status": "ok"}
+
+        @app.get("/readyz")
+        def readyz(self) -> dict:
+            """Model loaded (a replica only takes traffic after loading it)."""
+            calls = max(1, self.batches["calls"])
+            return {"ready": True, "model_version": self.recommender.model_version,
+                    "load_seconds": round(self.recommender.load_seconds, 3),
+                    "batches": self.batches["calls"],
+                    "mean_batch_size": round(self.batches["requests"] / calls, 2),
+                    "mean_batch_ms": round(1000 * self.batches["seconds"] / calls, 2)}
+
+        @app.get("/version", dependencies=[Depends(_check_key)])
+        def version(self) -> dict:
+            """Model path, version, trained-at and metrics."""
+            return self.recommender.version()
+
+
+def deployment_options(*, replicas: int | None = None, autoscale: str | None = None,
+                       num_cpus: float = 1, num_gpus: float = 0,
+                       max_ongoing_requests: int = 64, target_ongoing_requests: float = 16
+                       ) -> dict:
+    """Serve deployment options from ``--replicas N`` or ``--autoscale MIN:MAX``."""
+    options = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+               "max_ongoing_requests": int(max_ongoing_requests)}
+    if replicas is not None and autoscale is not None:
+        raise EzSASRecError("serve: give --replicas or --autoscale, not both")
+    if autoscale is not None:
+        try:
+            low, high = (int(x) for x in str(autoscale).split(":"))
+        except ValueError:
+            raise EzSASRecError(f"--autoscale {autoscale!r}: expected MIN:MAX, e.g. 1:4") from None
+        if not 0 <= low <= high or high < 1:
+            raise EzSASRecError(f"--autoscale {autoscale!r}: need 0 <= MIN <= MAX and MAX >= 1")
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                         "target_ongoing_requests": target_ongoing_requests}
+    else:
+        replicas = 1 if replicas is None else int(replicas)
+        if replicas < 1:
+            raise EzSASRecError(f"--replicas {replicas}: must be >= 1")
+        options["num_replicas"] = replicas
+    return options
+
+
+def build_app(args: dict):
+    """Serve application builder (``import_path: ezsasrec_ray.serve:build_app``).
+
+    ``args``: the :class:`ServeConfig` fields (``model``, ``data``, ``max_k``, ...) plus
+    optional ``replicas``/``autoscale``/``num_cpus``/``num_gpus`` (deployment options in
+    ``serve/config.yaml``'s ``deployments:`` section override them).
+    """
+    if serve is None:  # pragma: no cover
+        raise EzSASRecError("serve: fastapi and ray[serve] are required")
+    args = dict(args)
+    option_keys = ("replicas", "autoscale", "num_cpus", "num_gpus", "max_ongoing_requests",
+                   "target_ongoing_requests")
+    options = deployment_options(**{k: args.pop(k) for k in option_keys if k in args})
+    known = set(ServeConfig.__dataclass_fields__)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise EzSASRecError(f"serve: unknown argument {unknown[0]!r} (known: "
+                            f"{', '.join(sorted(known | set(option_keys)))})")
+    config = ServeConfig(**args)  # validated here, before any replica starts
+    return RecommenderDeployment.options(**options).bind(asdict(config))
+
+
+def run_server(model: str, data: str | None, *, host: str = "127.0.0.1", port: int = 8000,
+               replicas: int | None = None, autoscale: str | None = None,
+               address: str | None = None, blocking: bool = True, **config) -> str:
+    """``ezsasrec serve``: deploy locally and (``blocking``) serve until Ctrl-C. -> the URL."""
+    from .data import init_ray
+
+    app_ = build_app({"model": model, "data": data, "replicas": replicas,
+                      "autoscale": autoscale, **config})
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(app_, name=APP_NAME, route_prefix="/")
+    url = f"http://{host}:{port}"
+    if not blocking:
+        return url
+    print(f"serving {model} at {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+    return url
+
+
+__all__ = ["Query", "Recommender", "RecommenderDeployment", "ServeConfig", "build_app",
+           "deployment_options", "run_server"]
