@@ -6,6 +6,7 @@ imported from their modules: ``from ezsasrec_ray.train import train``,
 
 Stages, one module each: :mod:`.data` (prepare), :mod:`.synth`, :mod:`.model`,
 :mod:`.train`, :mod:`.evaluate`, :mod:`.score`, :mod:`.serve`.
+The ezSASRec-compatible notebook API is :mod:`ezsasrec_ray.easy` (``docs/easy_api.md``).
 """
 
 from .data import PrepareConfig, PreparedDataset, load_prepared, prepare
