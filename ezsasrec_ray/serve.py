@@ -18,10 +18,14 @@ and the OpenAPI docs at ``/docs``. With an API key (``EZSASREC_API_KEY`` or ``ap
 ``/recommend``, ``/score`` and ``/version`` routes need ``X-API-Key: KEY`` or
 ``Authorization: Bearer KEY`` (401 otherwise); health probes stay open.
 
-Memory: histories are held in memory as one int32 array of item indices plus int64 offsets
-(4 bytes an event + 8 bytes a user), with a pandas hash index of the raw user ids (about 25-50
-bytes a user for integer ids, more for strings): about 90 MB per million users with 10 events
-each, plus the model. :meth:`Recommender.memory_bytes` reports the figure for a loaded dataset.
+Memory: user histories are held in memory (not read from Parquet per request): one int32
+array of item indices plus int64 offsets (4 bytes an event + 8 bytes a user), a pandas hash
+index of the raw user ids (measured: about 51 MB per million integer ids, about 240 MB per
+million string ids like ``"user-123456789"``), and by default every user's vector, encoded once
+at start-up by the same :func:`.score.user_vectors` (4 x dim bytes a user: 256 MB per million
+users at dim 64; ``precompute_user_vectors=False`` encodes per request instead, at about 10-40
+ms more a batch on 2 CPUs). So about 0.35 GB per million users with 10 events each and integer
+ids, plus the model. :meth:`Recommender.memory_bytes` reports the figures of a loaded dataset.
 
 Deploy with ``serve/config.yaml`` (``serve deploy``/``serve run``; the app builder is
 :func:`build_app`) or ``ezsasrec serve`` (:func:`run_server`) for a local foreground server.
