@@ -1,0 +1,899 @@
+"""The nightly pipeline: prepare -> train -> evaluate -> score, driven by one YAML config.
+
+``jobs/pipeline.py`` (and ``jobs/prepare.py``, ``jobs/train.py``, ``jobs/score.py``, one stage
+each) only call :func:`main`. The config (``jobs/config.example.yaml`` documents every key)::
+
+    workdir: /shared/ezsasrec        # every output goes under it (a filesystem all nodes see)
+    ray: {address: null}             # null: $RAY_ADDRESS (set inside `ray job submit`), else local
+    prepare:  {input: ..., <PrepareConfig fields>}
+    train:    {<TrainConfig fields>}
+    evaluate: {<keyword arguments of evaluate.evaluate>}
+    score:    {<keyword arguments of score.recommend>}
+
+The whole config is checked (unknown keys, types, values, the input files) before any stage
+starts. Layout of ``workdir``::
+
+    prepared/                 the prepared dataset (data.prepare)
+    model/                    the model directory (train.train)
+    evaluation.json           evaluate()'s result on the test split, with what it measured
+    scores/<YYYY-MM-DD>/      recommend()'s output for that night (manifest.json, _SUCCESS)
+    scores/latest             JSON pointer {"date", "path", ...} to the newest scores,
+                              replaced atomically, written after everything else
+    runs/                     Ray Train checkpoints (train.storage_path overrides)
+    stamps/<stage>.json       what produced each output: fingerprint, inputs, options, output
+                              id, timings, the nodes that ran it; stamps/last_run.json
+    .pipeline.lock            held while a run is in progress (one run per workdir)
+
+Re-runs. A stage's *fingerprint* hashes its inputs and options: for prepare the input files'
+paths, sizes and modification times plus the normalized options; for the other stages the
+ids of the outputs they read (the prepared dataset's content hashes, the model's config and
+weights hash) plus their options. A stage is skipped when its stamp has the same fingerprint
+and its output is still the one the stamp recorded; ``force`` redoes it. A stage that reruns
+changes its output id, so the stages after it rerun too.
+
+Failures. Every library stage writes a temporary directory and renames it into place, so a
+failed stage leaves the previous output as it was; the pipeline's own files (stamps,
+evaluation.json, scores/latest) are written to a temporary file and renamed. A stamp is
+written only after its output is in place, and ``scores/latest`` only after the night's
+scores are complete. Training runs under ``<run_name>-<fingerprint[:12]>``: re-running after a
+failed training resumes from its last checkpoint; new inputs or options start a new run, and
+the checkpoints of older pipeline runs are deleted once a new model is in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
+
+STAGES = ("prepare", "train", "evaluate", "score")
+SECTIONS = ("workdir", "ray", *STAGES)
+RAY_KEYS = ("address",)
+DEFAULT_RUN_NAME = "pipeline-train"
+STAMP_VERSION = 1
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Arguments the pipeline sets itself (paths come from workdir, Ray from the ray section).
+_MANAGED = {
+    "prepare": ("output", "overwrite", "address"),
+    "train": ("data", "output", "overwrite", "address"),
+    "evaluate": ("data", "model"),
+    "score": ("model", "data", "output", "overwrite", "address"),
+}
+# TrainConfig fields that do not change the model (left out of train's fingerprint).
+_TRAIN_NOT_RESULT = ("verbose", "storage_path", "run_name", "max_failures", "keep_checkpoints",
+                     "eval_batch_size")
+
+
+# --------------------------------------------------------------------------------------------
+# Config: loading, overrides, validation
+
+
+@dataclass
+class PipelineConfig:
+    """A loaded config. Stage sections hold only keys the library accepts."""
+
+    source: str  # the config file, for messages
+    workdir: str
+    address: str | None = None
+    prepare: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)
+
+    @property
+    def prepared_dir(self) -> str:
+        return os.path.join(self.workdir, "prepared")
+
+    @property
+    def model_dir(self) -> str:
+        return os.path.join(self.workdir, "model")
+
+    @property
+    def evaluation_path(self) -> str:
+        return os.path.join(self.workdir, "evaluation.json")
+
+    @property
+    def scores_dir(self) -> str:
+        return os.path.join(self.workdir, "scores")
+
+    @property
+    def latest_path(self) -> str:
+        return os.path.join(self.scores_dir, "latest")
+
+    @property
+    def stamps_dir(self) -> str:
+        return os.path.join(self.workdir, "stamps")
+
+    @property
+    def storage_path(self) -> str:
+        return os.path.abspath(self.train.get("storage_path") or os.path.join(self.workdir, "runs"))
+
+
+def section_params() -> dict[str, dict[str, str | None]]:
+    """Each stage section's keys -> their annotation (a string such as ``"int | None"``; None
+    where the library gives none). The keys are the library's own argument names, less the
+    ones the pipeline sets itself."""
+    from .data import PrepareConfig
+    from .evaluate import evaluate
+    from .score import recommend
+    from .train import TrainConfig
+
+    def of_fields(cls):
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+    def of_function(fn):
+        return {name: None if p.annotation is inspect.Parameter.empty else p.annotation
+                for name, p in inspect.signature(fn).parameters.items()}
+
+    params = {"prepare": {"input": "str", **of_fields(PrepareConfig), "verbose": "bool"},
+              "train": of_fields(TrainConfig), "evaluate": of_function(evaluate),
+              "score": of_function(recommend)}
+    return {stage: {k: v for k, v in keys.items() if k not in _MANAGED[stage]}
+            for stage, keys in params.items()}
+
+
+def section_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each stage section accepts."""
+    return {stage: tuple(keys) for stage, keys in section_params().items()}
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"train.epochs=3"`` -> (["train", "epochs"], 3). The value is read as YAML, so
+    ``true``, ``0.5``, ``[1, 10]`` and ``null`` have their YAML types."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts) or len(parts) > 2:
+        raise EzSASRecError(f"--set {text!r}: expected SECTION.KEY=VALUE (or workdir=PATH)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise EzSASRecError(f"--config {path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise EzSASRecError(f"{path}: invalid YAML{where} "
+                            f"({getattr(exc, 'problem', None) or exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EzSASRecError(f"{path}: the config must be a mapping of sections, "
+                            f"got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str, overrides: Sequence[str] = (), *, workdir: str | None = None,
+                address: str | None = None) -> PipelineConfig:
+    """Read a YAML config, apply ``--set`` overrides (then ``workdir``/``address``) and check
+    its structure. Values are checked by :func:`validate`."""
+    raw = _read_yaml(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in SECTIONS:
+            raise EzSASRecError(f"--set {text}: unknown section {parts[0]!r} "
+                                f"(sections: {', '.join(SECTIONS)})")
+        if len(parts) == 1:
+            raw[parts[0]] = value
+        else:
+            section = raw.get(parts[0])
+            raw[parts[0]] = section = dict(section) if isinstance(section, dict) else {}
+            section[parts[1]] = value
+    if workdir is not None:
+        raw["workdir"] = workdir
+    if address is not None:
+        raw.setdefault("ray", {})
+        raw["ray"] = {**(raw["ray"] or {}), "address": address}
+    for key in raw:
+        if key not in SECTIONS:
+            raise EzSASRecError(f"{path}: unknown section {key!r} "
+                                f"(sections: {', '.join(SECTIONS)})")
+    return _structure(path, raw)
+
+
+def _structure(path: str, raw: dict) -> PipelineConfig:
+    workdir = raw.get("workdir")
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise EzSASRecError(f"{path}: workdir: a directory path is required, got {workdir!r}")
+    if "://" in workdir and not workdir.startswith("file://"):
+        raise EzSASRecError(f"{path}: workdir {workdir}: use a filesystem path every node can "
+                            "see (outputs are renamed into place, which needs one)")
+    sections = {}
+    for name in ("ray", *STAGES):
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise EzSASRecError(f"{path}: section '{name}' must be a mapping, "
+                                f"got {type(value).__name__}")
+        sections[name] = dict(value)
+    for key in sections["ray"]:
+        if key not in RAY_KEYS:
+            raise EzSASRecError(f"{path}: unknown key {key!r} in section 'ray' (keys: address)")
+    address = sections["ray"].get("address")
+    if address is not None and not isinstance(address, str):
+        raise EzSASRecError(f"{path}: ray.address: expected a string, got {address!r}")
+    allowed = section_keys()
+    for stage in STAGES:
+        for key in sections[stage]:
+            if key in _MANAGED[stage]:
+                raise EzSASRecError(f"{path}: key {key!r} in section '{stage}' is set by the "
+                                    "pipeline (paths come from workdir, Ray from ray.address)")
+            if key not in allowed[stage]:
+                raise EzSASRecError(f"{path}: unknown key {key!r} in section '{stage}'")
+    return PipelineConfig(source=path, workdir=os.path.abspath(workdir.removeprefix("file://")),
+                          address=address, **{s: sections[s] for s in STAGES})
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _type_ok(value, annotation: str) -> bool:
+    names = [name.strip() for name in str(annotation).split("|")]
+    if value is None:
+        return "None" in names or "Any" in names
+    if any(name not in _TYPES and name != "None" for name in names):
+        return True  # Any, or a type not checked here
+    return any(isinstance(value, _TYPES[name]) and (name == "bool") == isinstance(value, bool)
+               for name in names if name != "None")
+
+
+def _check_types(config: PipelineConfig):
+    """Each key's value against the library's annotation (numbers in str fields become str)."""
+    annotations = section_params()
+    for stage in STAGES:
+        values = getattr(config, stage)
+        for key, value in values.items():
+            annotation = annotations[stage].get(key)
+            if annotation is None:
+                continue
+            if "str" in str(annotation) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                values[key] = value = str(value)  # e.g. a column given by position
+            if not _type_ok(value, annotation):
+                raise EzSASRecError(f"{config.source}: {stage}.{key}: expected {annotation}, "
+                                    f"got {value!r}")
+
+
+def _named(stage: str, message: str) -> str:
+    """A library message names options CLI-style (``--epochs``); name them as in the config."""
+    return re.sub(r"--([a-z][a-z0-9-]*)",
+                  lambda m: f"{stage}.{m.group(1).replace('-', '_')}", message)
+
+
+def _check_choice(source: str, stage: str, key: str, value, allowed):
+    if value not in allowed:
+        raise EzSASRecError(f"{source}: {stage}.{key}: unknown value {value!r}; "
+                            f"use one of {', '.join(map(str, allowed))}")
+
+
+def _check_min(source: str, stage: str, values: dict, minimums: dict):
+    for key, low in minimums.items():
+        if key in values and values[key] is not None and values[key] < low:
+            raise EzSASRecError(f"{source}: {stage}.{key}: must be >= {low}, got {values[key]!r}")
+
+
+def _check_evaluate(config: PipelineConfig):
+    values, src = config.evaluate, config.source
+    if "split" in values:
+        _check_choice(src, "evaluate", "split", values["split"], ("valid", "test"))
+    if "protocol" in values:
+        _check_choice(src, "evaluate", "protocol", values["protocol"], ("full", "sampled"))
+    if "negative_sampling" in values:
+        _check_choice(src, "evaluate", "negative_sampling", values["negative_sampling"],
+                      ("uniform", "popularity"))
+    if "ks" in values:
+        ks = values["ks"] if isinstance(values["ks"], list) else [values["ks"]]
+        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                             for k in ks):
+            raise EzSASRecError(f"{src}: evaluate.ks: expected positive integers, "
+                                f"got {values['ks']!r}")
+        values["ks"] = ks
+    _check_min(src, "evaluate", values, {"batch_size": 1, "num_negatives": 1})
+
+
+def _check_score(config: PipelineConfig):
+    from .score import FORMATS, HOLDOUTS
+
+    values, src = config.score, config.source
+    if "format" in values:
+        _check_choice(src, "score", "format", values["format"], FORMATS)
+    if values.get("holdout") is not None:
+        _check_choice(src, "score", "holdout", values["holdout"], HOLDOUTS)
+    _check_min(src, "score", values, {"top_n": 1, "batch_size": 1, "chunk_size": 1, "actors": 1,
+                                      "gpus_per_actor": 0, "cpus_per_actor": 0,
+                                      "threads_per_actor": 1})
+    for key in ("users", "exclude_items", "candidates"):
+        value = values.get(key)
+        if isinstance(value, str) and not os.path.isfile(value):
+            raise EzSASRecError(f"{src}: score.{key}: file not found: {value}")
+        if value is not None and not isinstance(value, (str, list)):
+            raise EzSASRecError(f"{src}: score.{key}: expected a file path or a list of ids, "
+                                f"got {value!r}")
+
+
+def validate(config: PipelineConfig, stages: Sequence[str] = STAGES) -> PipelineConfig:
+    """Check every value of every section (and, when prepare runs, that its input exists),
+    with the library's own checks where it has them. Raises a one-line EzSASRecError."""
+    from .data import PrepareConfig
+    from .readers import list_input_files
+    from .train import TrainConfig
+
+    _check_types(config)
+    src = config.source
+    try:
+        options = {k: v for k, v in config.prepare.items() if k not in ("input", "verbose")}
+        PrepareConfig(input=config.prepare.get("input") or "", output=config.prepared_dir,
+                      **options)
+    except EzSASRecError as exc:
+        raise EzSASRecError(f"{src}: {_named('prepare', exc.message)}") from None
+    if "prepare" in stages:
+        if not config.prepare.get("input"):
+            raise EzSASRecError(f"{src}: prepare.input: the raw log to read is required")
+        try:
+            list_input_files(config.prepare["input"])
+        except EzSASRecError as exc:
+            raise EzSASRecError(f"{src}: prepare.input: {exc.message}") from None
+    try:
+        TrainConfig(**config.train).model_config(num_items=1)
+    except (EzSASRecError, TypeError) as exc:
+        raise EzSASRecError(f"{src}: {_named('train', str(exc))}") from None
+    _check_evaluate(config)
+    _check_score(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints and output ids
+
+
+def _digest(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def input_files(source: str) -> list[list]:
+    """The files a prepare input expands to, as ``[uri, size, mtime_ns]`` (read no bytes)."""
+    from .readers import _resolve, list_input_files
+
+    files = list_input_files(source)
+    rows = []
+    for uri in files:
+        fs, path = _resolve(uri)
+        info = fs.get_file_info(path)
+        mtime = info.mtime_ns if info.mtime is not None else None
+        rows.append([uri, info.size, mtime])
+    return rows
+
+
+def prepared_id(path: str) -> str | None:
+    """Id of a prepared dataset: the hash of its content hashes; None if absent/incomplete."""
+    from .data import load_prepared
+
+    try:
+        return _digest(load_prepared(path).manifest["content_hashes"])
+    except (EzSASRecError, KeyError, OSError):
+        return None
+
+
+def model_id(path: str) -> str | None:
+    """Id of a model directory: its config, weights and vocabularies; None if absent."""
+    from .data import sha256_file
+    from .model import WEIGHTS_FILE
+    from .model_io import read_model_dir
+
+    try:
+        model_config, metadata = read_model_dir(path)
+        weights = sha256_file(os.path.join(path, WEIGHTS_FILE))
+    except (EzSASRecError, OSError, ValueError):
+        return None
+    return _digest({"config": model_config, "weights": weights,
+                    "vocab": metadata.get("vocab_fingerprint")})
+
+
+def _file_id(path: str) -> str | None:
+    from .data import sha256_file
+
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
+def scores_id(path: str) -> str | None:
+    """Id of a scores directory: its manifest's hash, when complete (_SUCCESS present)."""
+    if not os.path.exists(os.path.join(path, "_SUCCESS")):
+        return None
+    return _file_id(os.path.join(path, "manifest.json"))
+
+
+def write_json_atomic(path: str, obj):
+    """Write JSON to a temporary sibling and rename it over ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def latest_scores(workdir: str) -> str:
+    """The directory ``<workdir>/scores/latest`` points to."""
+    pointer = _read_json(os.path.join(workdir, "scores", "latest"))
+    if not pointer or "date" not in pointer:
+        raise EzSASRecError(f"{workdir}/scores/latest: no scores published yet")
+    return os.path.join(workdir, "scores", pointer["date"])
+
+
+# --------------------------------------------------------------------------------------------
+# Running stages
+
+
+@dataclass
+class StagePlan:
+    """One stage of a run: what it reads, with which options, and where it writes."""
+
+    name: str
+    inputs: dict
+    options: dict
+    output: str
+    stamp_path: str
+    output_id: Callable[[str], str | None]
+    run: Callable[[str], dict]  # fingerprint -> details for the stamp
+
+    @property
+    def fingerprint(self) -> str:
+        return _digest({"stage": self.name, "inputs": self.inputs, "options": self.options})
+
+
+class StageFailed(Exception):
+    """A stage raised; ``stage`` names it, the original exception is the cause."""
+
+    def __init__(self, stage: str, exc: BaseException):
+        self.stage = stage
+        super().__init__(f"stage {stage} failed: {type(exc).__name__}: {exc}")
+
+
+def _why_run(plan: StagePlan, stamp: dict | None, current_id: str | None,
+             force: bool) -> str | None:
+    """None when the stage can be skipped, else the reason to run it."""
+    if force:
+        return "forced"
+    if current_id is None:
+        return "no output yet"
+    if stamp is None:
+        return "no stamp for the existing output"
+    if stamp.get("output_id") != current_id:
+        return "output changed since its stamp"
+    if stamp.get("fingerprint") == plan.fingerprint:
+        return None
+    if stamp.get("inputs") != json.loads(json.dumps(plan.inputs, default=str)):
+        return "inputs changed"
+    return "options changed"
+
+
+def _actor_nodes(class_part: str) -> dict:
+    """``{"nodes": {node_id: actors}}`` of this driver's actors whose class name contains
+    ``class_part`` (from the Ray state API, which needs the dashboard), or
+    ``{"unavailable": reason}``. Dead actors are listed too, so this works after a stage."""
+    try:
+        import ray
+        from ray.util.state import list_actors
+
+        context = ray.get_runtime_context()
+        actors = list_actors(address=context.gcs_address, limit=10_000, timeout=15,
+                             filters=[("job_id", "=", context.get_job_id())],
+                             raise_on_missing_output=False)
+        nodes = Counter(a.node_id for a in actors if class_part in (a.class_name or ""))
+        ours = {n["NodeID"] for n in ray.nodes()}
+        if not nodes or not set(nodes) <= ours:  # no dashboard: a default URL may be another's
+            return {"class": class_part, "unavailable": "no such actors in this cluster's "
+                                                        "state API"}
+        return {"class": class_part, "nodes": dict(nodes)}
+    except Exception as exc:  # noqa: BLE001 - recording placement must never fail a stage
+        return {"class": class_part, "unavailable": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _cluster_nodes() -> list[dict]:
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [{"node_id": n["NodeID"], "ip": n.get("NodeManagerAddress"),
+             "cpus": n.get("Resources", {}).get("CPU", 0), "gpus": n.get("Resources", {}).get(
+                 "GPU", 0)} for n in ray.nodes() if n.get("Alive")]
+
+
+class Pipeline:
+    """The stages of one run over one validated config."""
+
+    def __init__(self, config: PipelineConfig, *, date: str, log=print):
+        self.config = config
+        self.date = date
+        self.log = log
+
+    # plans: each built only when its stage is reached (inputs are upstream outputs)
+
+    def plan_prepare(self) -> StagePlan:
+        from .data import PrepareConfig
+
+        c = self.config
+        opts = {k: v for k, v in c.prepare.items() if k not in ("input", "verbose")}
+        options = PrepareConfig(input=c.prepare["input"], output=c.prepared_dir,
+                                **opts).options()
+
+        def run(_fingerprint):
+            from .data import prepare
+
+            manifest = prepare(c.prepare["input"], c.prepared_dir, address=c.address,
+                               overwrite=True, verbose=c.prepare.get("verbose", True), **opts)
+            return {"counts": manifest["counts"], "vocab": manifest["vocab"]}
+
+        return StagePlan("prepare", {"input": c.prepare["input"],
+                                     "files": input_files(c.prepare["input"])},
+                         options, c.prepared_dir, self._stamp("prepare"), prepared_id, run)
+
+    def plan_train(self) -> StagePlan:
+        from .train import TrainConfig
+
+        c = self.config
+        options = {k: v for k, v in dataclasses.asdict(TrainConfig(**c.train)).items()
+                   if k not in _TRAIN_NOT_RESULT}
+        inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare")}
+
+        def run(fingerprint):
+            from .train import train
+
+            prefix = c.train.get("run_name") or DEFAULT_RUN_NAME
+            run_name = f"{prefix}-{fingerprint[:12]}"
+            stamp = _read_json(self._stamp("train"))
+            if "train" in self.force or (stamp and stamp.get("fingerprint") == fingerprint):
+                self._remove_run(run_name)  # finished before: start afresh, do not resume it
+            opts = {k: v for k, v in c.train.items() if k not in ("run_name", "storage_path")}
+            metrics = train(c.prepared_dir, c.model_dir, address=c.address, overwrite=True,
+                            run_name=run_name, storage_path=c.storage_path, **opts)
+            placement = _actor_nodes("RayTrainWorker")
+            self._remove_old_runs(prefix, run_name)
+            return {"run": os.path.join(c.storage_path, run_name),
+                    "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+                    "valid": metrics["valid"], "placement": placement}
+
+        return StagePlan("train", inputs, options, c.model_dir, self._stamp("train"), model_id,
+                         run)
+
+    def plan_evaluate(self) -> StagePlan:
+        from .evaluate import evaluate
+
+        c = self.config
+        options = self._with_defaults(evaluate, c.evaluate, skip=("data", "model"))
+        inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare"),
+                  "model": self._require(model_id, c.model_dir, "train")}
+
+        def run(fingerprint):
+            from .evaluate import format_table
+
+            result = evaluate(c.prepared_dir, c.model_dir, **c.evaluate)
+            write_json_atomic(c.evaluation_path, {
+                "kind": "ezsasrec_ray.evaluation", "data": c.prepared_dir, "model": c.model_dir,
+                "options": options, "fingerprint": fingerprint, "result": result,
+                "evaluated_at": _now()})
+            self.log(format_table(result))
+            return {"users": result["users"],
+                    "NDCG@10": {k: result[k].get("NDCG@10") for k in ("model", "popularity",
+                                                                        "markov") if k in result}}
+
+        return StagePlan("evaluate", inputs, options, c.evaluation_path, self._stamp("evaluate"),
+                         _file_id, run)
+
+    def plan_score(self) -> StagePlan:
+        from .score import recommend
+
+        c = self.config
+        options = self._with_defaults(recommend, c.score,
+                                      skip=("model", "data", "output", "overwrite", "address"))
+        options.pop("verbose", None)
+        inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare"),
+                  "model": self._require(model_id, c.model_dir, "train")}
+        for key in ("users", "exclude_items", "candidates"):
+            if isinstance(c.score.get(key), str):
+                inputs[key] = _file_id(c.score[key])
+        output = os.path.join(c.scores_dir, self.date)
+
+        def run(_fingerprint):
+            manifest = recommend(c.model_dir, c.prepared_dir, output=output, overwrite=True,
+                                 address=c.address, **c.score)
+            return {"counts": manifest["counts"], "timings": manifest["timings"],
+                    "placement": _actor_nodes("BatchScorer")}
+
+        return StagePlan("score", inputs, options, output, self._stamp(f"score-{self.date}"),
+                         scores_id, run)
+
+    # helpers
+
+    def _stamp(self, name: str) -> str:
+        return os.path.join(self.config.stamps_dir, f"{name}.json")
+
+    @staticmethod
+    def _require(id_fn, path: str, stage: str) -> str:
+        value = id_fn(path)
+        if value is None:
+            raise EzSASRecError(f"{path}: missing or incomplete; run the {stage} stage first")
+        return value
+
+    @staticmethod
+    def _with_defaults(fn, values: dict, skip: Sequence[str]) -> dict:
+        """The function's keyword defaults updated with the config's values (stable hashes)."""
+        defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty and name not in skip}
+        return json.loads(json.dumps({**defaults, **values}, default=str))
+
+    def _remove_run(self, run_name: str):
+        for name in (run_name, f"{run_name}-inputs"):
+            shutil.rmtree(os.path.join(self.config.storage_path, name), ignore_errors=True)
+
+    def _remove_old_runs(self, prefix: str, keep: str):
+        """Delete the checkpoints of this pipeline's earlier training runs (``prefix-<hex12>``)."""
+        pattern = re.compile(re.escape(prefix) + r"-[0-9a-f]{12}(-inputs)?$")
+        storage = self.config.storage_path
+        for name in os.listdir(storage) if os.path.isdir(storage) else []:
+            if pattern.match(name) and name not in (keep, f"{keep}-inputs"):
+                shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+
+    # running
+
+    def run(self, stages: Sequence[str], force: Sequence[str] = (), check: bool = False) -> list:
+        """Run (or with ``check``, only plan) ``stages`` in order -> one record per stage."""
+        self.force = set(force)
+        records = []
+        upstream_reruns = False
+        for name in stages:
+            try:
+                record = self._stage(name, check, upstream_reruns)
+            except Exception as exc:
+                raise StageFailed(name, exc) from exc
+            upstream_reruns |= record["status"] in ("would run", "ran")
+            records.append(record)
+            if name == "score" and not check:
+                self._point_latest(record)
+        return records
+
+    def _stage(self, name: str, check: bool, upstream_reruns: bool) -> dict:
+        if check and upstream_reruns and name != "prepare":
+            self.log(f"[pipeline] {name}: would run (an earlier stage reruns)")
+            return {"stage": name, "status": "would run", "reason": "an earlier stage reruns"}
+        plan = getattr(self, f"plan_{name}")()
+        stamp = _read_json(plan.stamp_path)
+        current = plan.output_id(plan.output)
+        reason = _why_run(plan, stamp, current, name in self.force)
+        base = {"stage": name, "output": plan.output, "fingerprint": plan.fingerprint}
+        if reason is None:
+            self.log(f"[pipeline] {name}: skipped, {plan.output} is up to date "
+                     f"(fingerprint {plan.fingerprint[:12]})")
+            return {**base, "status": "skipped", "seconds": 0.0, "stamp": stamp}
+        if check:
+            self.log(f"[pipeline] {name}: would run ({reason})")
+            return {**base, "status": "would run", "reason": reason}
+        self.log(f"[pipeline] {name}: running ({reason}) -> {plan.output}")
+        started = time.time()
+        details = plan.run(plan.fingerprint)
+        seconds = round(time.time() - started, 2)
+        stamp = {"version": STAMP_VERSION, "stage": name, "fingerprint": plan.fingerprint,
+                 "inputs": plan.inputs, "options": plan.options, "output": plan.output,
+                 "output_id": plan.output_id(plan.output), "reason": reason,
+                 "seconds": seconds, "finished_at": _now(), "nodes": _cluster_nodes(),
+                 **details}
+        write_json_atomic(plan.stamp_path, stamp)
+        self.log(f"[pipeline] {name}: done in {seconds:.1f}s")
+        return {**base, "status": "ran", "seconds": seconds, "stamp": stamp}
+
+    def _point_latest(self, record: dict):
+        """Point scores/latest at this run's date, unless it already points at a later one
+        (a back-filled date does not move it back)."""
+        path = self.config.latest_path
+        current = _read_json(path)
+        if current and current.get("date", "") > self.date:
+            self.log(f"[pipeline] scores/latest stays at {current['date']} (newer than "
+                     f"{self.date})")
+            return
+        if current and current.get("date") == self.date and \
+                current.get("fingerprint") == record["fingerprint"]:
+            return
+        stamp = record.get("stamp") or {}
+        write_json_atomic(path, {
+            "date": self.date, "path": record["output"],
+            "manifest": os.path.join(record["output"], "manifest.json"),
+            "fingerprint": record["fingerprint"],
+            "users_scored": (stamp.get("counts") or {}).get("users_scored"),
+            "updated_at": _now()})
+        self.log(f"[pipeline] scores/latest -> {self.date}")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_date(text: str | None) -> str:
+    """``YYYY-MM-DD`` (default: today in UTC) -> the same string, validated."""
+    if text is None:
+        return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    try:
+        if not _DATE.match(text):
+            raise ValueError
+        _dt.date.fromisoformat(text)
+    except ValueError:
+        raise EzSASRecError(f"--date {text!r}: expected YYYY-MM-DD") from None
+    return text
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """One run at a time per workdir: ``<workdir>/.pipeline.lock`` (host, pid, start time),
+    created exclusively and removed at the end. A lock left by a dead process on this host is
+    taken over; otherwise a second run fails with one line naming the holder."""
+    path = os.path.join(workdir, ".pipeline.lock")
+    os.makedirs(workdir, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _now()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _read_json(path) or {}
+            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+                os.remove(path)  # stale: its process is gone
+                continue
+            raise EzSASRecError(
+                f"{path}: another pipeline run holds this workdir (pid {holder.get('pid')} on "
+                f"{holder.get('host')} since {holder.get('started_at')}); delete the file if "
+                "that run is gone") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        if (_read_json(path) or {}).get("pid") == me["pid"]:
+            os.remove(path)
+
+
+def run_pipeline(config: PipelineConfig, *, stages: Sequence[str] = STAGES,
+                 force: Sequence[str] = (), date: str | None = None, check: bool = False,
+                 log=print) -> list[dict]:
+    """Validate ``config`` and run ``stages`` (see the module docstring) -> one record per
+    stage (``status``: ran | skipped | would run). Raises :class:`StageFailed`."""
+    from . import __version__
+
+    validate(config, stages)
+    date = check_date(date)
+    package = os.path.dirname(os.path.abspath(__file__))
+    log(f"[pipeline] ezsasrec_ray {__version__} from {package}; config {config.source}; "
+        f"workdir {config.workdir}; date {date}; stages {', '.join(stages)}")
+    pipeline = Pipeline(config, date=date, log=log)
+    started = time.time()
+    if check:
+        records = pipeline.run(stages, force=force, check=True)
+    else:
+        with workdir_lock(config.workdir):
+            records = pipeline.run(stages, force=force)
+            write_json_atomic(os.path.join(config.stamps_dir, "last_run.json"), {
+                "date": date, "config": os.path.abspath(config.source), "finished_at": _now(),
+                "seconds": round(time.time() - started, 2),
+                "stages": [{k: r.get(k) for k in ("stage", "status", "seconds", "output",
+                                                  "fingerprint")} for r in records]})
+    log(format_summary(records, date))
+    return records
+
+
+def format_summary(records: list[dict], date: str) -> str:
+    lines = [f"{'stage':<10}{'status':<11}{'seconds':>9}  output"]
+    for r in records:
+        seconds = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+        lines.append(f"{r['stage']:<10}{r['status']:<11}{seconds:>9}  {r.get('output', '')}")
+    width = max(len(line) for line in lines)
+    return "\n".join([f"pipeline summary ({date})", "-" * width, *lines])
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (jobs/*.py)
+
+
+def build_parser(prog: str, stages: Sequence[str]) -> argparse.ArgumentParser:
+    what = " -> ".join(stages)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=f"ezsasrec_ray {what}, driven by a YAML config "
+                               "(see jobs/config.example.yaml).")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (read as YAML); repeatable, e.g. "
+                             "--set train.epochs=3 --set score.top_n=50")
+    parser.add_argument("--workdir", default=None, help="override workdir")
+    parser.add_argument("--address", default=None, help="override ray.address")
+    parser.add_argument("--date", default=None,
+                        help="date of the scores directory, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--force", nargs="*", choices=list(stages), default=None,
+                        metavar="STAGE",
+                        help="redo these stages even if up to date (no names: all of them)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and print what would run; run nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stages: Sequence[str] = STAGES,
+         prog: str = "pipeline") -> int:
+    """Entry point of ``jobs/*.py``: 0 on success; 2 with one line for a bad config or input;
+    1 with the traceback and one closing line for anything else."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser(prog, stages).parse_args(argv)
+    quiet_ray_data_errors()
+    force = () if args.force is None else (args.force or stages)
+    try:
+        config = load_config(args.config, args.set, workdir=args.workdir, address=args.address)
+        run_pipeline(config, stages=stages, force=force, date=args.date, check=args.check,
+                     log=lambda message: print(message, flush=True))
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for bad input, traceback otherwise
+        stage = getattr(exc, "stage", None)
+        where = f" in stage {stage}" if stage else ""
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            print(f"{prog}: error{where}: {user_error.message}", file=sys.stderr, flush=True)
+            return 2
+        cause = exc.__cause__ if isinstance(exc, StageFailed) and exc.__cause__ else exc
+        traceback.print_exception(cause)
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        print(f"{prog}: failed{where}: {reason[:500]}", file=sys.stderr, flush=True)
+        return 1
+
+
+__all__ = ["PipelineConfig", "STAGES", "StageFailed", "check_date", "latest_scores",
+           "load_config", "main", "model_id", "prepared_id", "run_pipeline", "scores_id",
+           "section_keys", "validate"]
