@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bce | sampled_softmax | softmax | gbce (default softmax)")
     p.add_argument("--negatives", type=int, default=256)
     p.add_argument("--negative-sampling", choices=["uniform", "popularity"], default="uniform")
+    p.add_argument("--optimizer", choices=["auto", "adam", "lazy_adam"], default="auto")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"],

@@ -28,11 +28,23 @@ import tensorflow as tf
 # helpers
 
 
+def _float32_table(item_table):
+    """item_table as float32; a float32 variable (or Keras variable) stays a tf.Variable, so
+    gathering rows reads only those rows (ResourceGather, gradient IndexedSlices) instead of
+    the whole table, which TF copies on every read once a variable is accessed by rows."""
+    table = getattr(item_table, "value", None)  # a Keras variable's tf.Variable
+    table = table if isinstance(table, tf.Variable) else item_table
+    if isinstance(table, tf.Variable) and table.dtype == tf.float32:
+        return table
+    return tf.cast(table, tf.float32)
+
+
 def _prepare(seq_emb, item_table, positives):
-    """-> seq_emb (B, L, d) float32, item_table (N+1, d) float32, positives (B, L) int32,
-    valid (B, L) float32 (1 where there is a target), n_valid scalar float32 (>= 1)."""
+    """-> seq_emb (B, L, d) float32, item_table (N+1, d) float32 (tensor or variable),
+    positives (B, L) int32, valid (B, L) float32 (1 where there is a target), n_valid scalar
+    float32 (>= 1)."""
     seq_emb = tf.cast(seq_emb, tf.float32)
-    item_table = tf.cast(item_table, tf.float32)
+    item_table = _float32_table(item_table)
     positives = tf.cast(positives, tf.int32)
     valid = tf.cast(positives > 0, tf.float32)
     return seq_emb, item_table, positives, valid, tf.maximum(tf.reduce_sum(valid), 1.0)

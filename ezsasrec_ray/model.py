@@ -194,13 +194,22 @@ class SASRec(keras.Model):
                 "use user_embeddings (keeps the last maxlen columns) or trim the input")
         maxlen, W = self.config.maxlen, tf.shape(h)[1]
         valid = h > 0  # (B, W)
-        x = self.item_emb(h) * math.sqrt(self.config.dim)  # (B, W, dim)
+        x = self._item_vectors(h) * math.sqrt(self.config.dim)  # (B, W, dim)
         mask = tf.cast(valid, x.dtype)[:, :, None]  # (B, W, 1)
         x = x + self.pos_emb(tf.range(maxlen - W, maxlen))[None]  # positions from the right
         x = self.emb_dropout(x, training=training) * mask  # padding (and item row 0) -> 0
         for block in self.blocks:
             x = block(x, valid, training=training) * mask
         return self.ln_f(x)  # (B, W, dim)
+
+    def _item_vectors(self, histories):
+        """``item_emb(histories)``: (B, W) int32 -> (B, W, dim), the same values, read with a
+        row gather on the variable (ResourceGather), as the training losses do: once a variable
+        is accessed by rows, TF copies all of it on every whole-table read (copy-on-read)."""
+        table = self.item_emb.embeddings.value if self.item_emb.built else None
+        if not isinstance(table, tf.Variable):  # not built yet, or a mixed-precision cast
+            return self.item_emb(histories)
+        return tf.cast(tf.gather(table, histories), self.item_emb.compute_dtype)
 
     def user_embeddings(self, histories, training=False):
         """THE user representation: the output at the last position.

@@ -19,6 +19,14 @@ Learning rate: the global batch is ``batch_size x num_workers``; the learning ra
 ``lr x sqrt(num_workers)`` (the square-root rule for Adam) unless ``lr_scaling="none"``
 (or ``"linear"``).
 
+Optimizer: Adam (:class:`Adam`: Keras Adam's formula, with TF's fused kernel per weight; an
+embedding's gradient crosses workers as rows, not as a dense table; ``optimizer="auto"`` (the
+default) means this dense Adam for every loss). ``optimizer="lazy_adam"``
+updates the item table lazily, as TF-Addons' LazyAdam: with a sampled loss (``bce``,
+``sampled_softmax``, ``gbce``) only the rows of the batch and their moments, with scatter ops.
+It is not the default: on Beauty it was at most 1.1x faster and its validation NDCG@10 a little
+lower at equal epochs (benchmarks/RESULTS.md, "train speed").
+
 Checkpoints carry the weights, the optimizer state and the loop state (epoch, best metric,
 patience). Re-running with the same ``run_name`` and ``storage_path`` resumes from the latest
 checkpoint; ``max_failures`` lets Ray Train restart failed workers from it.
@@ -43,7 +51,7 @@ from .model_io import MODEL_FORMAT_VERSION
 
 TRAIN_STATE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.npz"
-
+OPTIMIZERS = ("auto", "adam", "lazy_adam")
 
 
 @dataclass
@@ -64,6 +72,7 @@ class TrainConfig:
     heads: int = 1
     dropout: float = 0.2
     l2: float = 0.0
+    optimizer: str = "auto"  # auto | adam | lazy_adam; see resolved_optimizer
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # default: the cluster's CPUs / num_workers
@@ -97,11 +106,15 @@ class TrainConfig:
             raise EzSASRecError(f"--loss: unknown loss {self.loss!r}; use one of {sorted(LOSSES)}")
         choices = {"lr_scaling": ("sqrt", "linear", "none"),
                    "negative_sampling": ("uniform", "popularity"),
-                   "precision": ("float32", "mixed_bfloat16", "mixed_float16")}
+                   "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
+                   "optimizer": OPTIMIZERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise EzSASRecError(f"--{name.replace('_', '-')}: unknown value "
                                     f"{getattr(self, name)!r}; use one of {allowed}")
+        if self.xla and self.optimizer == "lazy_adam":
+            raise EzSASRecError("--optimizer lazy_adam: not with --xla (XLA cannot compile "
+                                "its dynamic row set); use --optimizer adam")
 
     def model_config(self, num_items: int) -> SASRecConfig:
         """The model shape; raises a one-line error for a bad shape (before any worker)."""
@@ -111,6 +124,12 @@ class TrainConfig:
                                 l2=self.l2)
         except ValueError as exc:
             raise EzSASRecError(str(exc)) from None
+
+    def resolved_optimizer(self) -> str:
+        """``adam`` or ``lazy_adam``. ``auto`` is the measured choice for the loss: dense Adam
+        for every loss today (lazy Adam reached a lower validation NDCG@10 with ``bce`` on
+        Beauty at equal epochs and was at most 1.2x faster; benchmarks/RESULTS.md)."""
+        return "adam" if self.optimizer == "auto" else self.optimizer
 
     def effective_lr(self) -> float:
         scale = {"sqrt": math.sqrt(self.num_workers), "linear": float(self.num_workers),
@@ -134,6 +153,154 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
         rows = rows[np.argsort(lengths[rows], kind="stable")]
         batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer: fused Adam, with lazy (row-sparse) updates of the item table
+
+
+class Adam:
+    """Adam for a model's weights, with the formula, defaults and bias correction of
+    ``keras.optimizers.Adam``, built for a small model where the per-op cost dominates a step.
+
+    * Dense weights: one fused kernel per weight and step (TF's ``ResourceApplyAdam``), where
+      Keras' Adam builds ~40 graph ops per weight (about 1,000 a step for SASRec). A sparse
+      gradient (an embedding's) is summed across replicas as rows, then made dense locally.
+    * ``lazy`` weights (the item table, with a sampled loss): only the rows in the step's
+      gradient (``tf.IndexedSlices``; rows may repeat, they are summed) are updated, together
+      with their m and v, with scatter ops: O(rows in the batch x dim) a step instead of
+      O(table). As TF-Addons' LazyAdam: bias correction by the shared step count; rows without
+      a gradient keep their value and moments (dense Adam keeps moving them with their decaying
+      momentum). A dense gradient for a lazy weight updates every row (= dense Adam).
+
+    Use :meth:`apply` inside ``strategy.run`` (or with no strategy) and create the optimizer
+    under ``strategy.scope()``: gradients are summed across replicas first (the sparse rows are
+    all-gathered under MultiWorkerMirroredStrategy), then every replica applies the same update
+    to its copy, so the copies stay identical. ``variables`` is the whole state in a fixed
+    order (step, then m and v of each weight), for checkpoints.
+    """
+
+    def __init__(self, weights, learning_rate: float, lazy=(), beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7):
+        import keras
+        import tensorflow as tf
+
+        self.variables_to_train = list(weights)
+        lazy_ids = {id(w) for w in lazy}
+        self.lazy = [id(w) in lazy_ids for w in self.variables_to_train]
+        self._targets = [w.value if isinstance(w, keras.Variable) else w  # the tf.Variables
+                         for w in self.variables_to_train]
+        self.learning_rate, self.beta_1, self.beta_2 = learning_rate, beta_1, beta_2
+        self.epsilon = epsilon
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_step")
+        self.m = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_m_{i}")
+                  for i, w in enumerate(self._targets)]
+        self.v = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_v_{i}")
+                  for i, w in enumerate(self._targets)]
+
+    @property
+    def variables(self) -> list:
+        return [self.step, *self.m, *self.v]
+
+    def apply(self, gradients):
+        """gradients: this replica's gradient of each of ``variables_to_train`` (in order)."""
+        import tensorflow as tf
+
+        dense, sparse = [], []
+        for gradient, lazy in zip(gradients, self.lazy):
+            if lazy or isinstance(gradient, tf.IndexedSlices):  # rows: all-gathered, not summed
+                (sparse if lazy else dense).append(_as_row_slices(gradient))
+            else:
+                dense.append(tf.cast(gradient, tf.float32))
+        context = tf.distribute.get_replica_context()
+        if context.num_replicas_in_sync > 1:
+            dense, sparse = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense, sparse])
+        dense_targets = [w for w, lazy in zip(self._targets, self.lazy) if not lazy]
+        dense = [tf.math.unsorted_segment_sum(g.values, g.indices, w.shape[0])  # (rows, ...)
+                 if isinstance(g, tf.IndexedSlices) else g for g, w in zip(dense, dense_targets)]
+        rows, values = [], []
+        for gradient in sparse:
+            unique, index = tf.unique(gradient.indices)  # (R,), (K,): first-occurrence order
+            rows.append(unique)
+            values.append(tf.math.unsorted_segment_sum(gradient.values, index,
+                                                       tf.shape(unique)[0]))  # (R, d)
+        t = tf.cast(self.step + 1, tf.float32)  # this update's step count
+        powers = (tf.pow(self.beta_1, t), tf.pow(self.beta_2, t))
+        context.merge_call(self._distributed_update, args=(powers, dense, rows, values))
+
+    def _distributed_update(self, strategy, powers, dense, rows, values):
+        """Cross-replica context: the same update on every replica's copy of each weight."""
+        strategy.extended.update(self.step, lambda step: step.assign_add(1), group=False)
+        dense, sparse = iter(dense), iter(zip(rows, values))
+        for i, (target, lazy) in enumerate(zip(self._targets, self.lazy)):
+            if lazy:
+                strategy.extended.update(target, self._update_rows,
+                                         args=(i, powers, *next(sparse)), group=False)
+            else:
+                strategy.extended.update(target, self._update_dense,
+                                         args=(i, powers, next(dense)), group=False)
+
+    def _update_dense(self, weight, i, powers, gradient):
+        import tensorflow as tf
+
+        tf.raw_ops.ResourceApplyAdam(
+            var=weight.handle, m=self.m[i].handle, v=self.v[i].handle,
+            beta1_power=powers[0], beta2_power=powers[1], lr=self.learning_rate,
+            beta1=self.beta_1, beta2=self.beta_2, epsilon=self.epsilon,
+            grad=tf.cast(gradient, weight.dtype))
+
+    def _update_rows(self, weight, i, powers, rows, values):
+        """rows (R,) unique int32, values (R, d) float32: the summed gradient of those rows."""
+        import tensorflow as tf
+
+        m_var, v_var = self.m[i], self.v[i]
+        alpha = self.learning_rate * tf.sqrt(1.0 - powers[1]) / (1.0 - powers[0])
+        m = tf.gather(m_var, rows) * self.beta_1 + (1.0 - self.beta_1) * values  # (R, d)
+        v = tf.gather(v_var, rows) * self.beta_2 + (1.0 - self.beta_2) * tf.square(values)
+        m_var.scatter_update(tf.IndexedSlices(m, rows))
+        v_var.scatter_update(tf.IndexedSlices(v, rows))
+        weight.scatter_sub(tf.IndexedSlices(alpha * m / (tf.sqrt(v) + self.epsilon), rows))
+
+
+def _as_row_slices(gradient):
+    """A table's gradient as float32 IndexedSlices with int32 row indices (a dense gradient:
+    every row)."""
+    import tensorflow as tf
+
+    if not isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+        return tf.IndexedSlices(tf.cast(gradient, tf.float32), tf.range(tf.shape(gradient)[0]))
+    return tf.IndexedSlices(tf.cast(gradient.values, tf.float32),
+                            tf.cast(gradient.indices, tf.int32))
+
+
+def build_optimizer(model, cfg: TrainConfig) -> Adam:
+    """The optimizer of a run: the item table lazy when ``cfg.resolved_optimizer()`` is
+    ``lazy_adam``."""
+    lazy = [model.item_embeddings()] if cfg.resolved_optimizer() == "lazy_adam" else []
+    return Adam(model.trainable_variables, cfg.effective_lr(), lazy=lazy)
+
+
+def make_train_step(optimizer: Adam, strategy, compute_loss, xla: bool = False):
+    """A tf.function ``(inputs, positives, negatives) -> mean loss`` that runs one step on every
+    replica: ``compute_loss(inputs, positives, negatives) -> scalar``, gradients, update."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None], tf.int32)
+
+    @tf.function(input_signature=[spec, spec, spec], jit_compile=xla or None)
+    def train_step(inputs, positives, negatives):
+        def step(inputs, positives, negatives):
+            with tf.GradientTape() as tape:
+                loss = compute_loss(inputs, positives, negatives)
+                scaled = loss / strategy.num_replicas_in_sync
+            optimizer.apply(tape.gradient(scaled, optimizer.variables_to_train))
+            return loss
+
+        per_replica = strategy.run(step, args=(inputs, positives, negatives))
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    return train_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +342,14 @@ def _save_checkpoint(directory: str, model, optimizer, state: dict):
 
 def _restore_checkpoint(directory: str, model, optimizer) -> dict:
     model.load_weights(os.path.join(directory, "model.weights.h5"))
-    with np.load(os.path.join(directory, OPTIMIZER_FILE), allow_pickle=False) as saved:
+    path = os.path.join(directory, OPTIMIZER_FILE)
+    with np.load(path, allow_pickle=False) as saved:
         arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    shapes = [tuple(v.shape) for v in optimizer.variables]
+    if [a.shape for a in arrays] != shapes:
+        raise EzSASRecError(f"{path}: optimizer state of {len(arrays)} arrays does not fit this "
+                            f"run's optimizer ({len(shapes)} variables); was the checkpoint "
+                            "written with another --optimizer or model shape?")
     for variable, value in zip(optimizer.variables, arrays):
         variable.assign(value)
     with open(os.path.join(directory, TRAIN_STATE)) as f:
@@ -215,10 +388,7 @@ def train_loop_per_worker(loop_config: dict):
 
     with strategy.scope():
         model = build_model(model_config)
-        import keras
-
-        optimizer = keras.optimizers.Adam(learning_rate=cfg.effective_lr())
-        optimizer.build(model.trainable_variables)
+        optimizer = build_optimizer(model, cfg)
     loss_fn = get_loss(cfg.loss)
     num_items = model_config.num_items
     log_q = None
@@ -241,20 +411,7 @@ def train_loop_per_worker(loop_config: dict):
             loss = loss_fn(seq, table, positives, negatives)
         return tf.cast(loss, tf.float32) + model.regularization_loss()
 
-    spec = tf.TensorSpec([None, None], tf.int32)
-
-    @tf.function(input_signature=[spec, spec, spec], jit_compile=cfg.xla or None)
-    def train_step(inputs, positives, negatives):
-        def step(inputs, positives, negatives):
-            with tf.GradientTape() as tape:
-                loss = compute_loss(inputs, positives, negatives)
-                scaled = loss / strategy.num_replicas_in_sync
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        per_replica = strategy.run(step, args=(inputs, positives, negatives))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+    train_step = make_train_step(optimizer, strategy, compute_loss, cfg.xla)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
     def all_sum(values):
@@ -313,6 +470,10 @@ def train_loop_per_worker(loop_config: dict):
         improved = score > state["best"]
         # every worker sees the same (all-reduced) numbers, so all stop at the same epoch
         mean_seconds = all_sum(tf.constant([train_seconds], tf.float64)).numpy()[0] / world
+        mine = _weights_fingerprint(model)
+        mean_fingerprint = all_sum(tf.constant([mine], tf.float64)).numpy()[0] / world
+        # 0 when every worker holds the same weights (data-parallel replicas in sync)
+        record["replica_weight_gap"] = abs(mean_fingerprint - mine) / max(abs(mine), 1e-30)
         state.update(epoch=epoch, best=max(state["best"], score),
                      bad_epochs=0 if improved else state["bad_epochs"] + 1,
                      train_seconds=state.get("train_seconds", 0.0) + float(mean_seconds))
@@ -330,6 +491,15 @@ def train_loop_per_worker(loop_config: dict):
                   f"valid NDCG@10 {score:.4f} HR@10 {metrics.get('HR@10', 0.0):.4f}"
                   f"{'  *' if improved else ''}", flush=True)
         _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world)
+
+
+def _weights_fingerprint(model) -> float:
+    """A float64 checksum of every trainable weight (position-weighted, so swaps count)."""
+    total = 0.0
+    for weight in model.trainable_variables:
+        w = np.asarray(weight.numpy(), np.float64).ravel()
+        total += float(w @ (1.0 + np.arange(w.size) % 7))
+    return total
 
 
 def _maybe_inject_fault(fault: dict | None, epoch: int, rank: int, world: int):
@@ -481,7 +651,8 @@ def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainCon
             "data": os.path.abspath(prepared.path),
             "vocab_fingerprint": prepared.vocab_fingerprint(),
             "model": model_config.to_dict(),
-            "train": {k: v for k, v in asdict(config).items() if k != "verbose"},
+            "train": {**{k: v for k, v in asdict(config).items() if k != "verbose"},
+                      "optimizer": config.resolved_optimizer()},
             "best_epoch": best_epoch,
             "epochs_run": len(history),
             "stopped_early": len(history) < config.epochs,

@@ -3,16 +3,27 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from ezsasrec_ray.data import load_prepared, prepare
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.evaluate import evaluate
 from ezsasrec_ray.model_io import load_model
 from ezsasrec_ray.synth import synth
-from ezsasrec_ray.train import epoch_batches, train
+from ezsasrec_ray.train import (
+    Adam,
+    TrainConfig,
+    _restore_checkpoint,
+    _save_checkpoint,
+    build_optimizer,
+    epoch_batches,
+    make_train_step,
+    train,
+)
 
 TINY = {"dim": 16, "maxlen": 8, "blocks": 1, "heads": 1, "dropout": 0.1, "batch_size": 64,
         "lr": 5e-3, "verbose": False}
@@ -73,21 +84,26 @@ def test_model_refused_with_other_vocabularies(trained, tmp_path):
 def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monkeypatch):
     """Two workers; one dies after epoch 2 and the run resumes from its checkpoint. A later
     run with the same name and more epochs resumes from the latest checkpoint again, and the
-    two-worker model ends as good as the one-worker model trained for as many epochs."""
+    two-worker model ends as good as the one-worker model trained for as many epochs. The
+    item table goes through the lazy Adam's cross-worker path (all-gathered rows; softmax's
+    gradient has every row, so the update equals dense Adam's) and its checkpointed state."""
     storage = str(tmp_path / "runs")
     marker = tmp_path / "killed"
     monkeypatch.setenv("EZSASREC_FAULT_KILL_AT_EPOCH", "2")
     monkeypatch.setenv("EZSASREC_FAULT_MARKER", str(marker))
     options = {**TINY, "num_workers": 2, "run_name": "resume", "storage_path": storage,
-               "patience": 10, "max_failures": 1}
+               "patience": 10, "max_failures": 1, "optimizer": "lazy_adam"}
     train(prepared, str(tmp_path / "a"), epochs=3, **options)
     assert marker.exists()  # the worker really died
     state = _latest_state(storage, "resume")
     assert state["epoch"] == 3 and state["resumed_from_epoch"] in (1, 2)  # not from scratch
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    # both workers hold the same weights after every epoch (rank 0 vs the workers' mean)
+    assert all(h["replica_weight_gap"] < 1e-12 for h in state["history"])
     monkeypatch.delenv("EZSASREC_FAULT_KILL_AT_EPOCH")
     metrics = train(prepared, str(tmp_path / "b"), epochs=8, **options)
     state = _latest_state(storage, "resume")
+    assert all(h["replica_weight_gap"] < 1e-12 for h in state["history"])
     assert state["resumed_from_epoch"] == 3 and metrics["epochs_run"] == 8
     # two workers learn as well as one does on the same data, for the same number of epochs
     two = evaluate(prepared, str(tmp_path / "b"), split="test")
@@ -138,3 +154,107 @@ def test_epoch_batches_cover_every_row_once_and_bucket_by_length():
     assert sorted(rows.tolist()) == list(range(1000))
     spreads = [lengths[b].max() - lengths[b].min() for b in batches]
     assert np.mean(spreads) < 0.5 * (lengths.max() - lengths.min())
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer: fused dense Adam and lazy (row-sparse) Adam for the item table
+
+
+def _table_and_bias(seed=0):
+    rng = np.random.default_rng(seed)
+    table = tf.Variable(rng.normal(size=(10, 4)).astype(np.float32))
+    bias = tf.Variable(rng.normal(size=(4,)).astype(np.float32))
+    return table, bias
+
+
+def _apply(optimizer, gradients):
+    tf.function(lambda: optimizer.apply(gradients))()
+
+
+def test_adam_matches_keras_adam_and_lazy_rows_match_on_touched_rows_only():
+    grads = [tf.IndexedSlices(tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4) - 5),
+                              tf.constant([2, 7, 2]), (10, 4)),  # row 2 twice: they add up
+             tf.constant([0.5, -1.0, 2.0, 0.0])]
+    reference = [v.numpy() for v in _table_and_bias()]
+    keras_vars = [tf.Variable(v) for v in reference]
+    keras_adam = keras.optimizers.Adam(learning_rate=0.01)
+    keras_adam.apply_gradients(zip([tf.convert_to_tensor(grads[0]), grads[1]], keras_vars))
+    dense_vars, lazy_vars = _table_and_bias(), _table_and_bias()
+    dense = Adam(list(dense_vars), 0.01)
+    lazy = Adam(list(lazy_vars), 0.01, lazy=[lazy_vars[0]])
+    _apply(dense, grads)
+    _apply(lazy, grads)
+    for ours in (dense_vars, lazy_vars):  # one step from zero moments: the same update
+        for mine, theirs in zip(ours, keras_vars):
+            np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-7)
+    untouched = [r for r in range(10) if r not in (2, 7)]
+    np.testing.assert_array_equal(lazy_vars[0].numpy()[untouched], reference[0][untouched])
+    # a second step on row 1 only: dense Adam moves rows 2 and 7 with their momentum, lazy
+    # Adam leaves them (and their moments) alone and updates row 1 exactly as dense Adam does
+    before = lazy_vars[0].numpy().copy()
+    moments = [lazy.m[0].numpy().copy(), lazy.v[0].numpy().copy()]
+    step2 = [tf.IndexedSlices(tf.ones((1, 4)), tf.constant([1]), (10, 4)), tf.zeros(4)]
+    _apply(lazy, step2)
+    _apply(dense, step2)
+    keras_adam.apply_gradients(zip([tf.convert_to_tensor(step2[0]), step2[1]], keras_vars))
+    after = lazy_vars[0].numpy()
+    np.testing.assert_array_equal(after[[2, 7]], before[[2, 7]])
+    np.testing.assert_array_equal(lazy.m[0].numpy()[[2, 7]], moments[0][[2, 7]])
+    np.testing.assert_array_equal(lazy.v[0].numpy()[[2, 7]], moments[1][[2, 7]])
+    assert not np.allclose(dense_vars[0].numpy()[[2, 7]], before[[2, 7]])
+    np.testing.assert_allclose(after[1], dense_vars[0].numpy()[1], rtol=1e-6)
+    for mine, theirs in zip(dense_vars, keras_vars):  # dense Adam = Keras Adam, step after step
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-7)
+    assert int(lazy.step.numpy()) == 2
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"loss": "bce"}, "adam"),  # auto: dense Adam for every loss (benchmarks/RESULTS.md)
+    ({"loss": "softmax"}, "adam"),
+    ({"loss": "bce", "optimizer": "lazy_adam"}, "lazy_adam"),
+    ({"loss": "softmax", "optimizer": "adam"}, "adam"),
+])
+def test_optimizer_choice(options, expected):
+    assert TrainConfig(**options).resolved_optimizer() == expected
+
+
+def test_bad_optimizer_name():
+    with pytest.raises(EzSASRecError, match="--optimizer: unknown value 'sgd'"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(EzSASRecError, match="--optimizer lazy_adam: not with --xla"):
+        TrainConfig(optimizer="lazy_adam", xla=True)
+
+
+def test_checkpoint_restores_lazy_optimizer_state(tmp_path):
+    """Save after two steps, restore into a fresh model and optimizer: the next step gives the
+    same weights in both; a checkpoint of the other optimizer is refused."""
+    from ezsasrec_ray.losses import bce_loss, sample_negatives
+    from ezsasrec_ray.model import SASRecConfig, build_model
+
+    cfg = TrainConfig(loss="bce", dim=8, maxlen=6, blocks=1, dropout=0.0)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 31, (4, 5)).astype(np.int32),
+                rng.integers(1, 31, (4, 5)).astype(np.int32)) for _ in range(3)]
+    batches = [(i, p, sample_negatives(rng, p.shape, 30)) for i, p in batches]
+
+    def setup():
+        model = build_model(SASRecConfig(num_items=30, maxlen=6, dim=8, blocks=1, dropout=0.0))
+        optimizer = build_optimizer(model, cfg)
+        step = make_train_step(optimizer, tf.distribute.get_strategy(), lambda i, p, n: bce_loss(
+            model.sequence_embeddings(i, training=True), model.item_embeddings(), p, n))
+        return model, optimizer, step
+
+    model, optimizer, step = setup()
+    for batch in batches[:2]:
+        step(*batch)
+    _save_checkpoint(str(tmp_path), model, optimizer, {"epoch": 1})
+    again, again_optimizer, again_step = setup()
+    assert _restore_checkpoint(str(tmp_path), again, again_optimizer) == {"epoch": 1}
+    assert int(again_optimizer.step.numpy()) == 2
+    step(*batches[2])
+    again_step(*batches[2])
+    for a, b in zip(model.trainable_variables, again.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    smaller = Adam(model.trainable_variables[1:], 0.001)
+    with pytest.raises(EzSASRecError, match="optimizer.npz: optimizer state"):
+        _restore_checkpoint(str(tmp_path), model, smaller)
