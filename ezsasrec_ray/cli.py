@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", default=None, help="file of raw user ids (one a line): a subset")
     p.add_argument("--exclude-items", default=None, help="file of raw item ids never returned")
     p.add_argument("--candidates", default=None, help="file of raw item ids: only these")
-    p.add_argument("--batch-size", type=int, default=1024, help="users per batch")
+    p.add_argument("--batch-size", type=int, default=4096, help="users per batch")
     p.add_argument("--actors", type=int, default=1, help="scoring actors")
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], default="parquet")

@@ -14,7 +14,11 @@ The shape of a run::
 Per batch (:class:`BatchScorer`): the histories (whole sequences, or everything before the
 test target with ``holdout="test"``) go through :func:`user_vectors` (the model's
 ``user_embeddings``), then :class:`.topk.TopK` scores the catalog in item chunks with a running
-top-k merge: memory per actor is O(batch x (chunk + k)), never O(batch x catalog). The user's
+top-k merge: memory per actor is O(threads x 512 x chunk + batch x k), never
+O(batch x catalog). An actor with several CPUs runs a batch's encoder calls, then its TopK row
+slices, on that many threads, one call per thread with one thread per TF op and per BLAS call
+(at dim 64 the ops are too small to split well over threads, and this way the numpy steps
+between the matmuls run in parallel too). The user's
 own history is excluded unless ``include_seen``; item 0 (padding) is never returned; indices
 map back to raw ids. Each output row is ``user_id, item_ids (list), scores (list)``, sorted by
 score descending, ties broken by the smaller item index. A user with fewer than N allowed items
@@ -47,6 +51,7 @@ import shutil
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -57,18 +62,19 @@ import pyarrow.parquet as pq
 
 from .data import keyed_stats_actor, sha256_file
 from .errors import EzSASRecError, find_user_error
+from .topk import DEFAULT_CHUNK_SIZE
 
 FORMAT_VERSION = 1
 FAULT_ENV = "EZSASREC_FAULT_SCORE_CRASH_ONCE"
 FORMATS = ("parquet", "jsonl", "csv")
 HOLDOUTS = ("test", "valid")
-DEFAULT_BATCH_SIZE = 1024  # users per Ray Data batch
-DEFAULT_CHUNK_SIZE = 8192  # items per catalog chunk
+DEFAULT_BATCH_SIZE = 4096  # users per Ray Data batch (fewer part-filled encoder calls than 1024)
 RESULTS_DIR = "recommendations"
 SEQUENCE_COLUMNS = ["user_index", "user_id", "item_indices", "n_events", "n_train", "train_only"]
 _MIN_WIDTH = 8  # narrowest history bucket
-_CALL_TOKENS = 4096  # rows x width of one encoder call (rows a power of two in 64..512)
-_SCORE_ROWS = 1024  # users per TopK call (bounds the (rows, history) exclusion matrix)
+_CALL_TOKENS = 2048  # rows x width of one encoder call (rows a power of two in 32..512)
+_MIN_CALL_ROWS, _MAX_CALL_ROWS = 32, 512
+_SCORE_ROWS = 512  # users per TopK call: a task of the actor's thread pool
 _READ_ROWS = 65536  # users per block read from the sequence files
 
 
@@ -89,16 +95,17 @@ def bucket_widths(maxlen: int) -> np.ndarray:
 def rows_per_call(width: int) -> int:
     """Rows of one encoder call for histories of this width (fixed: a power of two)."""
     rows = 2 ** int(math.log2(max(1, _CALL_TOKENS // max(1, width))))
-    return int(min(512, max(64, rows)))
+    return int(min(_MAX_CALL_ROWS, max(_MIN_CALL_ROWS, rows)))
 
 
-def user_vectors(model, histories) -> np.ndarray:
+def user_vectors(model, histories, *, executor=None) -> np.ndarray:
     """User representations ``model.user_embeddings(left_pad(history, maxlen))`` -> (B, dim).
 
     histories: anything :func:`.batching.left_pad` accepts (a pyarrow ListArray, a list of
     arrays, ...). Each user is encoded in the narrowest width bucket that holds its last
     ``maxlen`` items, in calls of a fixed shape, so the result is bitwise independent of
-    which other users are in ``histories`` (see the module docstring).
+    which other users are in ``histories`` (see the module docstring). ``executor`` (a
+    ``concurrent.futures`` executor, optional) runs the encoder calls concurrently.
     """
     from .batching import left_pad
 
@@ -110,17 +117,20 @@ def user_vectors(model, histories) -> np.ndarray:
     widths = bucket_widths(maxlen)
     lengths = np.count_nonzero(padded, axis=1)  # items are never 0
     bucket = np.searchsorted(widths, np.maximum(lengths, 1))
-    for b, width in enumerate(widths):
+    calls = []  # (rows, width): one encoder call each, widest (slowest) first
+    for b in range(len(widths) - 1, -1, -1):
         rows = np.flatnonzero(bucket == b)
-        if rows.size == 0:
-            continue
-        width = int(width)
-        step = rows_per_call(width)
-        for start in range(0, rows.size, step):
-            part = rows[start:start + step]
-            x = np.zeros((step, width), np.int32)
-            x[: part.size] = padded[part, maxlen - width:]
-            out[part] = model.user_embeddings(x).numpy()[: part.size]
+        step = rows_per_call(int(widths[b]))
+        calls += [(rows[a:a + step], int(widths[b])) for a in range(0, rows.size, step)]
+
+    def encode(call):
+        part, width = call
+        x = np.zeros((rows_per_call(width), width), np.int32)
+        x[: part.size] = padded[part, maxlen - width:]
+        out[part] = model.user_embeddings(x).numpy()[: part.size]
+
+    for _ in (executor.map if executor is not None else map)(encode, calls):
+        pass
     return out
 
 
@@ -301,15 +311,23 @@ def _load_model_from_source(config: dict, path: str | None, weights_ref):
     return model
 
 
-def _set_threads(threads: int | None):
-    """TF threads for this actor; on GPUs, memory growth (actors may share a GPU) and no TF32
-    (user vectors stay float32, as on CPU)."""
+def _set_threads(threads: int | None, *, concurrent_calls: bool = False):
+    """TF threads for this process; on GPUs, memory growth (actors may share a GPU) and no
+    TF32 (user vectors stay float32, as on CPU).
+
+    concurrent_calls: the caller runs ``threads`` encoder calls at once from its own threads
+    (BatchScorer), so each op runs on one thread, the calling one (no hand-offs between
+    threads). Small ops (SASRec's at dim 64) run much faster that way than split over threads.
+    """
     import tensorflow as tf
 
     try:
         if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
+            threads = int(threads)
+            tf.config.threading.set_intra_op_parallelism_threads(
+                1 if concurrent_calls else threads)
+            tf.config.threading.set_inter_op_parallelism_threads(
+                -1 if concurrent_calls else max(1, min(2, threads)))  # -1: in the caller
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -341,7 +359,11 @@ class BatchScorer:
     """Sequences batch (pyarrow) -> one row per user: ``user_id, item_ids, scores``.
 
     Built once per actor: loads the model, builds one :class:`.topk.TopK` over the item table
-    (with the exclusions and candidates), and reads the item vocabulary.
+    (with the exclusions and candidates), and reads the item vocabulary. With ``threads`` > 1,
+    a batch's encoder calls, then its TopK row slices, run on a pool of that many threads, one
+    call per thread (TF runs each op on one thread; set BLAS to one thread per process, as
+    :func:`recommend` does for its actors). The slices are small (_SCORE_ROWS users) and taken
+    from a queue, so a thread that the OS leaves waiting holds up the others little.
     """
 
     def __init__(self, *, model_config: dict | None = None, model_path: str | None = None,
@@ -355,7 +377,8 @@ class BatchScorer:
         from .data import load_prepared
         from .topk import TopK
 
-        _set_threads(threads)
+        _set_threads(threads, concurrent_calls=True)
+        self.pool = ThreadPoolExecutor(int(threads)) if threads and int(threads) > 1 else None
         self.model = model if model is not None else _load_model_from_source(
             model_config, model_path, weights_ref)
         table = np.asarray(self.model.item_embeddings().numpy(), np.float32)
@@ -392,17 +415,19 @@ class BatchScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _maybe_crash()
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         first = int(pc.min(batch["user_index"]).as_py()) if batch.num_rows else -1
         users, histories = self.histories(batch)
-        result = self.score(users["user_id"].combine_chunks(), histories)
+        phases: dict = {}
+        result = self.score(users["user_id"].combine_chunks(), histories, timings=phases)
         if self.stats is not None and first >= 0:
             import ray
 
             lengths = pc.list_value_length(result["item_ids"]).to_numpy()
             ray.get(self.stats.record.remote(first, {
                 "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
-                "seconds": time.perf_counter() - started}))
+                "seconds": time.perf_counter() - started, **phases,
+                "window": (wall_started, time.time())}))
         if self.list_encoding == "json":
             result = pa.table({
                 "user_id": result["user_id"],
@@ -411,22 +436,33 @@ class BatchScorer:
             })
         return result
 
-    def score(self, user_ids: pa.Array, histories: pa.ListArray) -> pa.Table:
-        """user ids (B,), histories (B lists of item indices) -> the output table."""
+    def score(self, user_ids: pa.Array, histories: pa.ListArray, *,
+              timings: dict | None = None) -> pa.Table:
+        """user ids (B,), histories (B lists of item indices) -> the output table.
+        ``timings`` (a dict), if given, gets the seconds spent in the encoder and the catalog."""
         from .batching import left_pad
 
         n = len(histories)
         idx = np.zeros((n, self.top_n), np.int32)
         sc = np.zeros((n, self.top_n), np.float32)
         lengths = pc.list_value_length(histories).fill_null(0).to_numpy()
-        for start in range(0, n, _SCORE_ROWS):
+        started = time.perf_counter()
+        vecs = user_vectors(self.model, histories, executor=self.pool)
+        encoded = time.perf_counter()
+
+        def top(start):
             stop = min(n, start + _SCORE_ROWS)
-            part = histories.slice(start, stop - start)
-            vecs = user_vectors(self.model, part)
             seen = None
             if not self.include_seen:
-                seen = left_pad(part, max(1, int(lengths[start:stop].max(initial=1))))
-            idx[start:stop], sc[start:stop] = self.topk(vecs, self.top_n, histories=seen)
+                seen = left_pad(histories.slice(start, stop - start),
+                                max(1, int(lengths[start:stop].max(initial=1))))
+            idx[start:stop], sc[start:stop] = self.topk(vecs[start:stop], self.top_n,
+                                                        histories=seen)
+
+        for _ in (self.pool.map if self.pool else map)(top, range(0, n, _SCORE_ROWS)):
+            pass
+        if timings is not None:
+            timings.update(encoder_s=encoded - started, catalog_s=time.perf_counter() - encoded)
         valid = idx > 0  # padding (fewer allowed items than top_n) is never returned
         offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
         items = self.item_ids.take(pa.array(idx[valid].astype(np.int64) - 1))
@@ -579,8 +615,9 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
     if source.path is None:  # a loaded model: ship its weights
         source = _model_source(model, ray_put=ray.put)
     threads = int(threads_per_actor or _cluster_threads(actors, cpus_per_actor))
-    env = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The scorer's threads run one BLAS call each (see BatchScorer).
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if output is not None \
@@ -641,6 +678,10 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
         written = _count_rows(results, format)
         scored = sum(b["rows"] for b in batches.values())
         busy_s = sum(b["seconds"] for b in batches.values())
+        phase_s = {k: sum(b.get(k, 0.0) for b in batches.values())
+                   for k in ("encoder_s", "catalog_s")}
+        windows = [b["window"] for b in batches.values()] or [(0.0, 0.0)]
+        window_s = max(w[1] for w in windows) - min(w[0] for w in windows)
         if written != expected or scored != expected:
             raise EzSASRecError(f"scoring wrote {written:,} rows ({scored:,} counted by the "
                                 f"batches) but {expected:,} users were expected; output not "
@@ -678,7 +719,11 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
                         "users_per_s": round(written / max(score_s, 1e-9), 1),
                         # time inside the scorer's batches, summed over actors (no start-up)
                         "batches_s": round(busy_s, 3),
-                        "users_per_actor_s": round(written / max(busy_s, 1e-9), 1)},
+                        # of which the encoder and the catalog top-k (summed over actors)
+                        **{k: round(v, 3) for k, v in phase_s.items()},
+                        "users_per_actor_s": round(written / max(busy_s, 1e-9), 1),
+                        # from the start of the first batch to the end of the last one
+                        "batches_window_s": round(window_s, 3)},
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         with open(os.path.join(tmp, "manifest.json"), "w") as f:

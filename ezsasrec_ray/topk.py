@@ -15,7 +15,7 @@ into batches. That cannot rest on BLAS alone: a float32 matmul rounds differentl
 block shapes (OpenBLAS uses other kernels for small blocks and for a single row), so the same
 (user, item) pair can get scores one ulp apart in two calls. Hence two kinds of scores:
 
-* *fast scores*: the float32 matmul ``user_vecs @ item_table[chunk].T``, used only to prune;
+* *fast scores*: the float32 matmul ``item_table[chunk] @ user_vecs.T``, used only to prune;
 * *exact scores* (:func:`exact_scores`): the float32 products summed in float64 in a fixed order
   and rounded once to float32. They are the scores returned and the only ones compared.
 
@@ -32,8 +32,14 @@ order-preserving int32, shifted left by 32, plus ``2**31 - 1 - item``. Larger ke
 are unique per item, so ``np.partition`` / ``np.sort`` on keys give the exact order, ties
 included. ``EMPTY_KEY`` (the int64 minimum) marks "no item" and decodes to index 0, score -inf.
 
-Memory is O(B x (chunk_size + k)): the catalog is scored one chunk at a time and merged into a
-running top-k; rows are pruned against the running k-th score, so few items per chunk get merged.
+Speed. Users are taken in blocks of 512 rows and the catalog in chunks of ``chunk_size`` items;
+each (chunk, users) score block is one float32 matmul ``item_vectors @ users.T`` (items x users:
+BLAS runs this shape near its peak when d is small) that stays in cache while it is compared
+with each user's running threshold (the score of the current k-th best, or keep-th): one
+comparison and one ``flatnonzero`` per block, after which only the few candidates (about
+k x chunk / items seen per user) are touched. History items are excluded by writing -inf into
+the block at their positions. The exact float64 scores above are computed for about k items
+per user only, so the matmul is most of the time. Memory is O(min(B, 512) x chunk_size + B x k).
 
 Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
 go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same tie rule.
@@ -58,7 +64,7 @@ __all__ = [
 ]
 
 EMPTY_KEY = np.iinfo(np.int64).min  # "no item": decodes to index 0, score -inf
-DEFAULT_CHUNK_SIZE = 8192
+DEFAULT_CHUNK_SIZE = 2048  # items per (chunk x 512 users) score block: 4 MiB, in cache
 
 _MAX_INDEX = 0x7FFFFFFF  # 2**31 - 1: largest item index a key can hold
 _LOW_32 = 0xFFFFFFFF
@@ -66,6 +72,8 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 _EXTRA = 16  # the fast pass keeps k + _EXTRA items per row, so near-ties at the k-th survive
 _MIN_FIRST_CHUNK = 128  # the top-k pass starts with chunks of max(k + _EXTRA, this)
 _EXACT_BLOCK = 1 << 20  # floats gathered at once by exact_scores (4 MiB, cache-sized)
+_ROW_BLOCK = 512  # users scored together: a (512, chunk) score block stays in cache
+_MERGE_EVERY = 4  # candidates per row (on average, at least keep / 2) gathered before a merge
 
 
 # -----------------------------------------------------------------------------
@@ -232,10 +240,13 @@ def _row_counts(mask):
 def _merge(state, rows, keys):
     """Merge new keys into the running top-k, in place.
 
-    state (B, keep) int64, rows (n,) int sorted ascending, keys (n,) int64 -> state, each row
-    holding the `keep` largest keys of its old keys and its new ones (unordered).
+    state (B, keep) int64, rows (n,) int, keys (n,) int64 -> state, each row holding the
+    `keep` largest keys of its old keys and its new ones (unordered).
     """
     num_rows, keep = state.shape
+    order = np.argsort(rows.astype(np.uint16) if num_rows <= 1 << 16 else rows,
+                       kind="stable")  # group by row (a radix sort)
+    rows, keys = rows[order], keys[order]
     counts = np.bincount(rows, minlength=num_rows)
     touched = np.flatnonzero(counts)
     width = int(counts.max())
@@ -262,7 +273,7 @@ class TopK:
         exclude_items: int array of items never returned (for every user).
         candidates: int array; if given, only these items are scored and returned (their rows
             are gathered once, so restricting the catalog also makes scoring cheaper).
-        chunk_size: items scored per matmul; memory is O(B x (chunk_size + k)).
+        chunk_size: items scored per matmul; memory is O(min(B, 512) x chunk_size + B x k).
 
     Item 0 is never a candidate. Build one TopK and call it for every batch: construction
     copies the allowed rows (when restricted) and checks the table once.
@@ -311,12 +322,10 @@ class TopK:
         if k == 0 or num_rows == 0 or self.items.size == 0:
             return decode_keys(keys)
         histories = _as_histories(histories, num_rows)
-        bound = _score_bound(users, self._max_norm)
-        keep = min(k + _EXTRA, self.items.size)
-
-        fast = _sorted_desc(self._stream(users, keep, histories, 0.0, False))
-        top = self._exact_top(users, fast, k, bound, histories)
-        keys[:, : top.shape[1]] = top
+        for a in range(0, num_rows, _ROW_BLOCK):  # rows are independent: cache-sized blocks
+            rows = slice(a, a + _ROW_BLOCK)
+            top = self._top_rows(users[rows], k, None if histories is None else histories[rows])
+            keys[rows, : top.shape[1]] = top
         return decode_keys(keys)
 
     def target_ranks(self, user_vecs, targets, *, histories=None):
@@ -335,6 +344,18 @@ class TopK:
             raise ValueError(f"targets must have shape ({num_rows},), got {np.shape(targets)}")
         histories = _as_histories(histories, num_rows)
         _check_finite(self.table[targets], "item_table")
+        ranks = np.zeros(num_rows, np.int64)
+        for a in range(0, num_rows, _ROW_BLOCK):
+            rows = slice(a, a + _ROW_BLOCK)
+            ranks[rows] = self._target_ranks_rows(
+                users[rows], targets[rows], None if histories is None else histories[rows])
+        return ranks
+
+    # -- internals -----------------------------------------------------------
+
+    def _target_ranks_rows(self, users, targets, histories):
+        """(B, d), (B,) in 1..N, (B, H) or None -> (B,) int64 ranks, see target_ranks."""
+        num_rows = users.shape[0]
         target_scores = exact_scores(users, self.table, targets).astype(np.float64)
         target_keys = encode_keys(target_scores, targets)
         unit_bound = _score_bound(users, 1.0)
@@ -342,21 +363,26 @@ class TopK:
         for start, block in self._blocks(users, self.chunk_size, histories, targets):
             # |fast - exact| <= bound for this chunk's items: fast > hi is surely above the
             # target, fast < lo surely below; the few in between are re-scored exactly.
-            bound = unit_bound * self._norms[start : start + block.shape[1]].max()
-            hi = _round_up32(target_scores + bound)[:, None]
-            lo = np.maximum(_round_down32(target_scores - bound), -_FLT_MAX)[:, None]
+            bound = unit_bound * self._norms[start : start + block.shape[0]].max()
+            hi = _round_up32(target_scores + bound)
+            lo = np.maximum(_round_down32(target_scores - bound), -_FLT_MAX)
             above = block > hi
-            ranks += _row_counts(above)
+            ranks += np.count_nonzero(above, axis=0)
             flat = np.flatnonzero((block >= lo) ^ above)
             if flat.size == 0:
                 continue
-            rows, cols = np.divmod(flat, block.shape[1])
+            cols, rows = np.divmod(flat, num_rows)
             items = self._items_at(start + cols)
             keys = encode_keys(exact_scores(users[rows], self.table, items), items)
             ranks += np.bincount(rows[keys > target_keys[rows]], minlength=num_rows)
         return ranks
 
-    # -- internals -----------------------------------------------------------
+    def _top_rows(self, users, k, histories):
+        """(B, d), k >= 1, (B, H) or None -> (B, min(k, n)) keys of the exact top k, sorted."""
+        bound = _score_bound(users, self._max_norm)
+        keep = min(k + _EXTRA, self.items.size)
+        fast = _sorted_desc(self._stream(users, keep, histories, 0.0, False))
+        return self._exact_top(users, fast, k, bound, histories)
 
     def _exact_top(self, users, fast, k, bound, histories):
         """Exact top k from the fast pass.
@@ -436,8 +462,9 @@ class TopK:
         return pos[found], rows[found]
 
     def _blocks(self, users, first, histories=None, targets=None):
-        """Fast scores chunk by chunk: yields (start, block) with block (B, C) float32 =
-        users @ self.vectors[start:start + C].T, history items (but targets) set to -inf.
+        """Fast scores chunk by chunk: yields (start, block) with block (C, B) float32 =
+        self.vectors[start:start + C] @ users.T (items x users: the faster BLAS shape for
+        d << B, C), history items (but targets) set to -inf.
 
         Chunk sizes as in :func:`_chunk_bounds`. The block buffer is reused: use a block before
         asking for the next one.
@@ -457,11 +484,11 @@ class TopK:
         buf = np.empty(num_rows * max(b - a for a, b in bounds), np.float32)
         for i, (start, stop) in enumerate(bounds):
             width = stop - start
-            block = buf[: num_rows * width].reshape(num_rows, width)
-            np.matmul(users, self.vectors[start:stop].T, out=block)
+            block = buf[: num_rows * width].reshape(width, num_rows)
+            np.matmul(self.vectors[start:stop], users.T, out=block)
             if histories is not None:
                 a, b = split[i], split[i + 1]
-                block.reshape(-1)[rows[a:b] * width + (pos[a:b] - start)] = -np.inf
+                block.reshape(-1)[(pos[a:b] - start) * num_rows + rows[a:b]] = -np.inf
             yield start, block
 
     def _stream(self, users, keep, histories, slack, exact):
@@ -469,46 +496,64 @@ class TopK:
 
         exact=False: keys from fast scores, slack must be 0. exact=True: keys from exact scores;
         slack (B,) >= |fast - exact| widens the pruning thresholds so no candidate is lost.
+
+        Per chunk, one comparison with each row's running threshold and one ``flatnonzero``
+        select the few candidates (about keep x chunk / items seen per row). They are merged
+        into the running top `keep` once about max(_MERGE_EVERY, keep / 2) per row have gathered
+        (a threshold that lags behind only lets more candidates through, never fewer).
         """
         num_rows = users.shape[0]
         state = np.full((num_rows, keep), EMPTY_KEY, np.int64)
         slack = np.broadcast_to(np.asarray(slack, np.float64), (num_rows,))
         threshold = np.full(num_rows, -np.inf)  # score of each row's keep-th key
+        mask_buf = np.empty(num_rows * min(self.chunk_size, self.items.size), bool)
+        pending, count = [], 0  # candidates (rows, keys) not merged yet
+        merge_at = num_rows * max(_MERGE_EVERY, keep // 2)  # merges cost O(rows x keep)
         for start, block in self._blocks(users, max(_MIN_FIRST_CHUNK, keep), histories):
             lo = np.maximum(_round_down32(threshold - slack), -_FLT_MAX)
-            mask = block >= lo[:, None]
-            _thin_heavy_rows(block, mask, keep, slack)
+            mask = mask_buf[: block.size].reshape(block.shape)
+            np.greater_equal(block, lo, out=mask)
             flat = np.flatnonzero(mask)
             if flat.size == 0:
                 continue
-            rows, cols = np.divmod(flat, block.shape[1])
+            cols, rows = np.divmod(flat, num_rows)
+            values = block.reshape(-1)[flat]
+            heavy = _thin_heavy_rows(block, rows, values, keep, slack)
+            if heavy is not None:
+                rows, cols, values = rows[heavy], cols[heavy], values[heavy]
             items = self._items_at(start + cols)
-            if exact:
-                scores = exact_scores(users[rows], self.table, items)
-            else:
-                scores = block.reshape(-1)[flat]
-            _merge(state, rows, encode_keys(scores, items))
-            threshold = _key_scores(state.min(axis=1))
+            scores = exact_scores(users[rows], self.table, items) if exact else values
+            pending.append((rows, encode_keys(scores, items)))
+            count += rows.size
+            if count >= merge_at:
+                _merge(state, *map(np.concatenate, zip(*pending)))
+                pending, count = [], 0
+                threshold = _key_scores(state.min(axis=1))
+        if pending:
+            _merge(state, *map(np.concatenate, zip(*pending)))
         return state
 
 
-def _thin_heavy_rows(block, mask, keep, slack):
-    """Drop candidates that cannot be in a row's top `keep` of this chunk alone, in place.
+def _thin_heavy_rows(block, rows, values, keep, slack):
+    """Candidates that may be in a row's top `keep`, when some row has many (first chunk, or
+    scores rising with the item index); None when every candidate is kept.
 
-    Used when a row has many candidates (first chunk, or scores rising with the item index):
-    an item whose fast score is below the chunk's keep-th largest minus 2 * slack is beaten by
-    `keep` items of the chunk. block (B, C) float32, mask (B, C) bool, slack (B,).
+    An item whose fast score is below the chunk's keep-th largest minus 2 * slack is beaten by
+    `keep` items of the chunk alone. block (C, B) float32; rows (n,) and values (n,) float32:
+    the candidates' rows and fast scores; slack (B,) -> bool (n,) or None.
     """
-    width = block.shape[1]
+    width, num_rows = block.shape
     limit = max(2 * keep, width // 8)
-    if width <= limit:
-        return
-    heavy = np.flatnonzero(_row_counts(mask) > limit)
+    if width <= limit or rows.size <= limit:
+        return None
+    heavy = np.flatnonzero(np.bincount(rows, minlength=num_rows) > limit)
     if heavy.size == 0:
-        return
-    sub = block[heavy]
-    kth = np.partition(sub, width - keep, axis=1)[:, width - keep].astype(np.float64)
-    mask[heavy] &= sub >= _round_down32(kth - 2 * slack[heavy])[:, None]
+        return None
+    sub = block[:, heavy]
+    kth = np.partition(sub, width - keep, axis=0)[width - keep].astype(np.float64)
+    floor = np.full(num_rows, -np.inf, np.float32)
+    floor[heavy] = _round_down32(kth - 2 * slack[heavy])
+    return values >= floor[rows]
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Tiny random models (no training) written as model directories; a small prepared 
 import datetime as dt
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -150,6 +151,8 @@ def test_user_vectors_match_model_and_do_not_depend_on_batch(prepared, model_dir
     np.testing.assert_allclose(vecs, model.user_embeddings(left_pad(seqs, 8)).numpy(), atol=1e-5)
     for rows in (slice(0, 1), slice(3, 40), slice(17, None, 3)):
         np.testing.assert_array_equal(user_vectors(model, seqs[rows]), vecs[rows])
+    with ThreadPoolExecutor(3) as pool:  # the encoder calls run concurrently in BatchScorer
+        np.testing.assert_array_equal(user_vectors(model, seqs, executor=pool), vecs)
 
 
 def test_recommend_matches_numpy_reference(prepared, model_dir, baseline_run):

@@ -289,6 +289,43 @@ def test_top_k_near_ties_at_the_k_th_item_all_three_paths(monkeypatch):
             monkeypatch.undo()
 
 
+def test_top_k_many_users_ties_at_the_k_th_in_every_row_block(monkeypatch):
+    # more users than one row block (topk._ROW_BLOCK), planted exact ties straddling the k-th
+    # place for many users: duplicated item rows, integer embeddings (exact float32 dots)
+    monkeypatch.setattr(topk, "_ROW_BLOCK", 64)
+    rng = np.random.default_rng(11)
+    users, table = int_data(rng, 150, 300, 4, lo=-3, hi=3)
+    table[[7, 120, 121, 250, 299]] = 3.0  # five copies of the best possible row
+    histories = rng.integers(0, 301, (150, 6))
+    scores, ok = all_scores(users, table), allowed_mask(150, 300, histories)
+    want = brute_top_k(scores, ok, 4)
+    fifth = brute_top_k(scores, ok, 5)[1][:, 4]
+    assert (want[1][:, 3] == fifth).sum() >= 30  # exact ties across the k-th place
+    index = TopK(table, chunk_size=50)
+    assert_same(index(users, 4, histories=histories), want)
+    targets = rng.integers(1, 301, 150)
+    np.testing.assert_array_equal(index.target_ranks(users, targets, histories=histories),
+                                  brute_rank(scores, ok, targets))
+    assert_same(TopK(table, chunk_size=301)(users[::-1], 4, histories=histories[::-1]),
+                (want[0][::-1], want[1][::-1]))
+
+
+def test_top_k_scores_rising_with_the_index_thin_heavy_rows():
+    # every item beats all earlier ones, so every chunk's items are all candidates: the
+    # per-chunk thinning must keep the exact result, also with near-ties (exact search path)
+    dim, num_items = 4, 3000
+    users = np.ones((5, dim), np.float32) * np.array([[1], [2], [0.5], [3], [1]], np.float32)
+    table = np.zeros((num_items + 1, dim), np.float32)
+    table[1:, 0] = np.arange(1, num_items + 1, dtype=np.float32) / num_items
+    table[2900:2990] = table[2990]  # 90 exact ties just below the best ten
+    histories = np.array([[0, 3000, 2999], [0, 0, 0], [2995, 2990, 1], [0, 0, 7], [1, 2, 3]])
+    scores = all_scores(users, table)
+    for k in (5, 20, 60):
+        want = brute_top_k(scores, allowed_mask(5, num_items, histories), k)
+        for chunk in (256, 1000, 4096):
+            assert_same(top_k(users, table, k, histories=histories, chunk_size=chunk), want)
+
+
 def test_top_k_all_scores_tied():
     table = np.zeros((301, 4), np.float32)
     users = np.ones((2, 4), np.float32)
