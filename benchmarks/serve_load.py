@@ -37,9 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DIM, MAXLEN, BLOCKS, HEADS = 64, 50, 2, 1
-
-
 def prepared_dataset(workdir: str) -> str:
     """Beauty as published if present (the train benchmark's preparation), else synthetic."""
     from train import BEAUTY, prepared_beauty
@@ -51,36 +48,6 @@ def prepared_dataset(workdir: str) -> str:
     path = os.path.join(workdir, "synthetic_beauty_size")
     if not os.path.exists(path):
         write_prepared(path, 40_226, 54_542)
-    return path
-
-
-def write_random_model(path: str, data_path: str, seed: int = 0) -> str:
-    """A Beauty-shape SASRec with random weights, written as a model directory."""
-    import datetime as dt
-    import shutil
-
-    import keras
-
-    from ezsasrec_ray.data import load_prepared
-    from ezsasrec_ray.model import SASRecConfig, build_model, save_model_files
-    from ezsasrec_ray.model_io import MODEL_FORMAT_VERSION
-
-    data = load_prepared(data_path)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
-    keras.utils.set_random_seed(seed)
-    model = build_model(SASRecConfig(num_items=data.num_items, maxlen=MAXLEN, dim=DIM,
-                                     blocks=BLOCKS, heads=HEADS, dropout=0.0))
-    save_model_files(model, path)
-    for name in ("users", "items"):
-        shutil.copytree(os.path.join(data.path, name), os.path.join(path, name))
-    metrics = {"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
-               "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "data": data.path, "vocab_fingerprint": data.vocab_fingerprint(),
-               "model": model.config.to_dict(), "best_epoch": 0}
-    with open(os.path.join(path, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
     return path
 
 
@@ -159,13 +126,14 @@ def main():
 
     import ray
     from ray import serve
+    from score import write_model  # the score benchmark's random model of the same shape
 
     from ezsasrec_ray.data import load_prepared
     from ezsasrec_ray.serve import Recommender, ServeConfig, build_app
 
     data_path = prepared_dataset(args.workdir)
-    model_path = write_random_model(os.path.join(args.workdir, "model"), data_path)
     data = load_prepared(data_path)
+    model_path = write_model(os.path.join(args.workdir, "model"), data)
     in_process = Recommender(ServeConfig(model=model_path, data=data_path))
     memory = in_process.memory_bytes()
     del in_process

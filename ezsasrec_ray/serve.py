@@ -245,10 +245,11 @@ class Recommender:
         from .score import user_vectors
 
         out = np.empty((len(resolved), self.model.config.dim), np.float32)
-        cached = [j for j, r in enumerate(resolved) if r.user and self.user_vecs is not None]
+        use_cache = self.user_vecs is not None
+        cached = [j for j, r in enumerate(resolved) if use_cache and r.user]
         if cached:
             out[cached] = self.user_vecs[[resolved[j].user for j in cached]]
-        fresh = [j for j, r in enumerate(resolved) if j not in set(cached)]
+        fresh = [j for j, r in enumerate(resolved) if not (use_cache and r.user)]
         if fresh:
             out[fresh] = user_vectors(self.model, [resolved[j].history for j in fresh])
         return out
