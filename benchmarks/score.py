@@ -158,10 +158,15 @@ def matmul_peak(seconds: float = 2.0) -> dict:
 
 
 def encoder_flops(width: int, dim: int = DIM, blocks: int = BLOCKS) -> float:
-    """FLOPs of one history of ``width`` positions through the transformer: per block the
-    q/k/v, output and two feed-forward projections (12 W d^2) and the attention scores and
-    weighted sum over all W x W pairs (4 W^2 d)."""
-    return blocks * (12 * width * dim * dim + 4 * width * width * dim)
+    """FLOPs of one history of ``width`` positions through the transformer as
+    ``user_embeddings`` computes it: each block but the last, the q/k/v, output and two
+    feed-forward projections (12 W d^2) and the attention scores and weighted sum over all
+    W x W pairs (4 W^2 d); the last block only for the last position (``last_only``): k and v
+    of every position (4 W d^2), q, output and feed-forward of one (8 d^2), one query's
+    scores and sum (4 W d)."""
+    full_block = 12 * width * dim * dim + 4 * width * width * dim
+    last_block = 4 * width * dim * dim + 8 * dim * dim + 4 * width * dim
+    return (blocks - 1) * full_block + last_block
 
 
 def flops_per_user(lengths: np.ndarray, items_allowed: int) -> dict:

@@ -6,10 +6,14 @@ speed:   sequences/s for maxlen 50, dim 64, 2 blocks, 1 head, batch 128, ``bce``
          original ezSASRec batches), plus the achieved GFLOP/s next to the
          machine's TensorFlow float32 matmul peak measured in the same run, and the load.
 quality: each loss trained for the same time budget; full-catalog test HR@10 / NDCG@10 (history
-         excluded) next to the popularity and Markov-chain baselines on the same users.
+         excluded) next to the popularity and Markov-chain baselines on the same users,
+         fitted on the same items as the model (``--holdout``). ``--dataset
+         ml-latest-small`` runs it on MovieLens (../shared/data/ml-latest-small).
 
     .venv/bin/python benchmarks/train.py speed --workdir bench_output
     .venv/bin/python benchmarks/train.py quality --budget-min 10 --losses softmax,bce
+    .venv/bin/python benchmarks/train.py quality --budget-min 60 --dim 128 --dropout 0.5 \
+        --lr 0.002 --lr-schedule cosine --holdout test --losses softmax
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ import numpy as np
 BEAUTY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "beauty",
                       "beauty.txt")
 SHAPE = {"maxlen": 50, "dim": 64, "blocks": 2, "heads": 1, "batch_size": 128}
+
+
+MOVIELENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                         "ml-latest-small", "ratings.csv")
+
+
+def prepared_movielens(workdir: str) -> str:
+    """ml-latest-small, every rating an interaction in time order, 5-core users (610 x 9,7xx)."""
+    from ezsasrec_ray.data import prepare
+
+    out = os.path.join(workdir, "ml_latest_small_prepared")
+    if not os.path.exists(out):
+        prepare(MOVIELENS, out, user_col="userId", item_col="movieId", time_col="timestamp",
+                min_user=5, min_item=1, verbose=False)
+    return out
 
 
 def prepared_beauty(workdir: str) -> str:
@@ -114,41 +133,64 @@ def run_quality(args):
     from ezsasrec_ray.evaluate import evaluate, format_table
     from ezsasrec_ray.train import train
 
-    data = prepared_beauty(args.workdir)
+    if args.dataset == "ml-latest-small":
+        data, prefix = prepared_movielens(args.workdir), "quality_ml_"
+    else:
+        data, prefix = prepared_beauty(args.workdir), "quality_"
     results = []
-    for loss in args.losses.split(","):
-        out = os.path.join(args.workdir, f"quality_{loss}")
+
+    def run_one(loss, holdout, epochs, budget_s, tag=""):
+        out = os.path.join(args.workdir, f"{prefix}{loss}{tag}")
         started = time.time()
-        metrics = train(data, out, epochs=args.max_epochs, loss=loss, negatives=args.negatives,
-                        optimizer=args.optimizer, seed=args.seed,
-                        lr=args.lr, dropout=args.dropout, patience=args.patience,
-                        time_budget_s=args.budget_min * 60, overwrite=True, verbose=True,
+        shape = {**SHAPE, "dim": args.dim, "blocks": args.blocks, "heads": args.heads,
+                 "maxlen": args.maxlen}
+        metrics = train(data, out, epochs=epochs, loss=loss, negatives=args.negatives,
+                        optimizer=args.optimizer, seed=args.seed, holdout=holdout,
+                        lr=args.lr, lr_schedule=args.lr_schedule, dropout=args.dropout,
+                        patience=args.patience, l2=args.l2, time_budget_s=budget_s,
+                        overwrite=True, verbose=True,
                         storage_path=os.path.join(args.workdir, "runs"),
-                        run_name=f"quality-{loss}-{time.time():.0f}", **SHAPE)
+                        run_name=f"quality-{loss}{tag}-{time.time():.0f}", **shape)
         wall = time.time() - started
-        result = evaluate(data, out, split="test", baselines=not results)
-        if not results:
-            print(format_table(result))
-            baselines = {k: result[k] for k in ("popularity", "markov")}
+        # the baselines are fitted on the items the model was trained on (its holdout)
+        result = evaluate(data, out, split="test")
+        print(format_table(result))
         import pandas as pd
 
         history = pd.read_csv(os.path.join(out, "history.csv"))
-        row = {"loss": loss, "epochs": int(len(history)), "best_epoch": metrics["best_epoch"],
-               "train_seconds": float(history["train_seconds"].sum()), "wall_seconds": wall,
-               "test": {k: result["model"][k] for k in ("HR@10", "NDCG@10")},
-               "valid_NDCG@10": metrics["valid"].get("NDCG@10"),
-               "optimizer": metrics["train"]["optimizer"],
-               "valid_NDCG@10_by_epoch": [round(x, 5) for x in history["valid_NDCG@10"]]}
+        return {"loss": loss + tag, "dim": args.dim, "holdout": holdout,
+                "lr_schedule": args.lr_schedule, "fitted_on": result["fitted_on"],
+                "epochs": int(len(history)), "best_epoch": metrics["best_epoch"],
+                "train_seconds": float(history["train_seconds"].sum()), "wall_seconds": wall,
+                "test": {k: result["model"][k] for k in ("HR@10", "NDCG@10")},
+                "baselines": {b: {k: result[b][k] for k in ("HR@10", "NDCG@10")}
+                              for b in ("popularity", "markov")},
+                "valid_NDCG@10": metrics["valid"].get("NDCG@10"),
+                "optimizer": metrics["train"]["optimizer"],
+                "valid_NDCG@10_by_epoch": [round(x, 5)
+                                           for x in history.get("valid_NDCG@10", [])]}
+
+    for loss in args.losses.split(","):
+        row = run_one(loss, args.holdout, args.max_epochs, args.budget_min * 60)
         results.append(row)
         print(json.dumps(row), flush=True)
+        if args.refit:
+            # the epochs chosen on validation, refitted with the validation targets trained
+            # on: the final model for the test split; training time = both runs
+            refit = run_one(loss, "test", row["best_epoch"], None, tag="+refit")
+            refit["train_seconds_with_selection"] = row["train_seconds"] + refit["train_seconds"]
+            results.append(refit)
+            print(json.dumps(refit), flush=True)
     print(f"{'loss':<16}{'epochs':>7}{'train s':>9}{'HR@10':>8}{'NDCG@10':>9}"
           f"{'NDCG@10/min':>13}")
     for row in results:
         per_min = row["test"]["NDCG@10"] / (row["train_seconds"] / 60)
         print(f"{row['loss']:<16}{row['epochs']:>7}{row['train_seconds']:>9.0f}"
               f"{row['test']['HR@10']:>8.4f}{row['test']['NDCG@10']:>9.4f}{per_min:>13.5f}")
-    for name, block in baselines.items():
-        print(f"{name:<16}{'':>7}{'':>9}{block['HR@10']:>8.4f}{block['NDCG@10']:>9.4f}")
+    for row in results:
+        for name, block in row["baselines"].items():
+            print(f"{name + ' (' + row['fitted_on'] + ')':<32}{block['HR@10']:>8.4f}"
+                  f"{block['NDCG@10']:>9.4f}")
     return results
 
 
@@ -169,9 +211,25 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--refit", action="store_true",
+                        help="quality: after each run (holdout valid), train again with "
+                             "holdout test for its best epoch count and evaluate that model")
+    parser.add_argument("--dataset", default="beauty", choices=["beauty", "ml-latest-small"],
+                        help="quality: ../shared/data set")
+    parser.add_argument("--maxlen", type=int, default=SHAPE["maxlen"], help="quality")
+    parser.add_argument("--dim", type=int, default=SHAPE["dim"], help="quality: model dim")
+    parser.add_argument("--blocks", type=int, default=SHAPE["blocks"])
+    parser.add_argument("--heads", type=int, default=SHAPE["heads"])
+    parser.add_argument("--l2", type=float, default=0.0)
+    parser.add_argument("--lr-schedule", default="constant", help="quality: constant | cosine")
+    parser.add_argument("--holdout", default="valid",
+                        help="quality: valid (validation, early stopping; baselines fitted on "
+                             "the training items) | test (also trains on the validation "
+                             "targets, keeps the last epoch; baselines fitted on the same)")
     args = parser.parse_args()
-    if not os.path.exists(BEAUTY):
-        sys.exit(f"{BEAUTY} not found: this benchmark needs ../shared/data")
+    needed = MOVIELENS if args.mode == "quality" and args.dataset != "beauty" else BEAUTY
+    if not os.path.exists(needed):
+        sys.exit(f"{needed} not found: this benchmark needs ../shared/data")
     os.makedirs(args.workdir, exist_ok=True)
     import ray
 
@@ -182,7 +240,8 @@ def main():
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, numpy {np.__version__}")
     rows = run_speed(args) if args.mode == "speed" else run_quality(args)
-    with open(os.path.join(args.workdir, f"train_{args.mode}.json"), "w") as f:
+    name = args.mode if args.mode == "speed" else f"quality_{args.dataset}"
+    with open(os.path.join(args.workdir, f"train_{name}.json"), "w") as f:
         json.dump(rows, f, indent=2)
 
 

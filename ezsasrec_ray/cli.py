@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="per worker")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: decay to 0 over --epochs or the time budget")
     p.add_argument("--maxlen", type=int, default=50)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--blocks", type=int, default=2)
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default="float32")
     p.add_argument("--xla", action="store_true")
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop after the epoch that crosses this much training time")
+    p.add_argument("--holdout", choices=["valid", "test", "none"], default="valid",
+                   help="targets kept out of training: valid (default; validation metrics and "
+                        "early stopping), test (also train on the validation targets: the "
+                        "final model for a test evaluation), none (every event: production)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None,
                    help="re-running with the same name resumes from its latest checkpoint")
@@ -168,9 +176,13 @@ def run(args: argparse.Namespace) -> int:
                    if hasattr(args, k)}
         metrics = train(args.data, args.output, address=args.address,
                         overwrite=args.overwrite, **options)
-        print(f"model written to {args.output}: best epoch {metrics['best_epoch']}, "
-              f"validation NDCG@10 {metrics['valid'].get('NDCG@10', float('nan')):.4f}, "
-              f"HR@10 {metrics['valid'].get('HR@10', float('nan')):.4f}")
+        if metrics["valid"]:
+            print(f"model written to {args.output}: best epoch {metrics['best_epoch']}, "
+                  f"validation NDCG@10 {metrics['valid']['NDCG@10']:.4f}, "
+                  f"HR@10 {metrics['valid']['HR@10']:.4f}")
+        else:
+            print(f"model written to {args.output}: epoch {metrics['best_epoch']} "
+                  f"(holdout {args.holdout}: no validation)")
     elif args.command == "evaluate":
         import json
 

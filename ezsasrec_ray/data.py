@@ -71,6 +71,7 @@ from .errors import EzSASRecError, PrepareError, find_user_error
 from .readers import LogSpec, list_input_files, read_file
 
 FORMAT_VERSION = 1
+SEQUENCE_ROW_GROUP = 65536  # users per Parquet row group of the sequence files
 SEQUENCE_COLUMNS = ("user_index", "user_id", "item_indices", "n_events", "n_train", "train_only")
 
 
@@ -326,8 +327,8 @@ def _write_partition(path: str, raw_users: pa.Array, options: dict, *pieces: dic
     """Reduce side of the shuffle: one whole partition -> one Parquet file of sequences."""
     group = {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
     table, stats = _build_sequences(group, raw_users, **options)
-    if table.num_rows:
-        pq.write_table(table, path, compression="zstd")
+    if table.num_rows:  # row groups of 64k users: scoring reads row ranges of a file
+        pq.write_table(table, path, compression="zstd", row_group_size=SEQUENCE_ROW_GROUP)
     stats.update(users=table.num_rows, events=int(pc.sum(table["n_events"]).as_py() or 0),
                  train_only=int(pc.sum(table["train_only"].cast(pa.int64())).as_py() or 0))
     return stats
@@ -697,9 +698,33 @@ def list_prefixes(lists: pa.Array, lengths: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), values)
 
 
-def training_sequences(table: pa.Table) -> pa.ListArray:
-    """What the model trains on: each user's first ``n_train`` items."""
-    return list_prefixes(table["item_indices"], table["n_train"].to_numpy())
+HOLDOUTS = ("valid", "test", "none")
+
+
+def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> np.ndarray:
+    """How many of each user's first items a model (or baseline) may be fitted on.
+
+    ``holdout="valid"`` (the default): ``n_train``, both held-out targets kept out, so the
+    validation metrics are honest. ``"test"``: every item before the test target (leave-one-out
+    adds the validation target; a time split has one target, so it equals ``"valid"``): the
+    final model for a test-split evaluation, fitted on what the baselines of that evaluation
+    see. ``"none"``: every event (the production model; no held-out metrics are valid).
+    """
+    if holdout not in HOLDOUTS:
+        raise EzSASRecError(f"--holdout: unknown value {holdout!r}; use one of {HOLDOUTS}")
+    n_train = table["n_train"].to_numpy().astype(np.int64)
+    if holdout == "none":
+        return table["n_events"].to_numpy().astype(np.int64)
+    if holdout == "test" and kind == "loo":  # time split: the one target is the test one too
+        train_only = table["train_only"].to_numpy(zero_copy_only=False)
+        return np.where(train_only, n_train, n_train + 1)  # n_train = n_events - 2 otherwise
+    return n_train
+
+
+def training_sequences(table: pa.Table, holdout: str = "valid", kind: str = "loo"
+                       ) -> pa.ListArray:
+    """What the model trains on: each user's first :func:`fit_lengths` items."""
+    return list_prefixes(table["item_indices"], fit_lengths(table, holdout, kind))
 
 
 def holdout_examples(table: pa.Table, split: str, kind: str) -> tuple:
@@ -787,9 +812,11 @@ class PreparedDataset:
     def split_kind(self) -> str:
         return self.manifest["split"]
 
-    def training_sequences(self) -> pa.ListArray:
-        """Every user's training items, in user_index order."""
-        return training_sequences(self.sequences(["user_index", "item_indices", "n_train"]))
+    def training_sequences(self, holdout: str = "valid") -> pa.ListArray:
+        """Every user's training items (see :func:`fit_lengths`), in user_index order."""
+        return training_sequences(self.sequences(
+            ["user_index", "item_indices", "n_events", "n_train", "train_only"]), holdout,
+            self.split_kind)
 
     def holdout_examples(self, split: str = "test") -> tuple:
         """``(user_index, histories, targets)`` for evaluation; see :func:`holdout_examples`."""

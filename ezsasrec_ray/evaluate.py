@@ -4,8 +4,8 @@ Protocol ``full`` (default): each user's held-out target is ranked among *all* i
 user's own history excluded (``exclude_seen=False`` keeps it). Protocol ``sampled``: the
 target against 100 sampled negatives — only for comparison with older papers, and labelled so.
 
-The model's user representation is :meth:`SASRec.user_embeddings` (the same function batch
-scoring and Serve use); ranks come from :mod:`.topk` and metrics from :mod:`.metrics`, with
+The model's user representation is :func:`.score.user_vectors` (``SASRec.user_embeddings`` in
+fixed-shape calls: the same vectors batch scoring and Serve use); ranks come from :mod:`.topk` and metrics from :mod:`.metrics`, with
 the same tie rule and exclusions for the model and for the baselines.
 """
 
@@ -29,14 +29,15 @@ def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_se
 
     With ``top`` (an int array (B, k)), also fills in each user's top-k items (for coverage).
     """
+    from .score import user_vectors
+
     values, offsets = (np.asarray(a) for a in histories)
     table = np.asarray(model.item_embeddings().numpy(), np.float32)
     topk = TopK(table)
     ranks = np.empty(len(targets), np.int64)
-    maxlen = model.config.maxlen
     for rows in _batches(len(targets), batch_size):
         seqs = take_rows(values, offsets, rows)
-        user_vecs = np.asarray(model.user_embeddings(left_pad(seqs, maxlen)), np.float32)
+        user_vecs = user_vectors(model, seqs)  # (B, dim), as the nightly job and Serve
         if protocol == "sampled":
             ranks[rows] = sampled_ranks(user_vecs, table, targets[rows], negatives[rows])
             continue
@@ -85,11 +86,15 @@ def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
 def evaluate(data, model, *, split: str = "test", protocol: str = "full",
              ks=DEFAULT_KS, exclude_seen: bool = True, batch_size: int = 1024,
              num_negatives: int = 100, negative_sampling: str = "uniform", seed: int = 0,
-             baselines: bool = True) -> dict:
+             baselines: bool = True, holdout: str | None = None) -> dict:
     """Evaluate ``model`` (or a model directory path) on a prepared dataset (or its path).
 
-    Returns ``{"split", "protocol", "users", "model": {...}, "popularity": {...},
-    "markov": {...}}`` with HR@K, NDCG@K, MRR and coverage@10 for each.
+    ``holdout``: what the model was trained on (``TrainConfig.holdout``; default: read from
+    the model directory, else ``"valid"``). The baselines are fitted on the same items, and a
+    split whose targets the model was trained on is refused.
+
+    Returns ``{"split", "protocol", "users", "fitted_on", "model": {...},
+    "popularity": {...}, "markov": {...}}`` with HR@K, NDCG@K, MRR and coverage@10 for each.
     """
     from .data import load_prepared
     from .errors import EzSASRecError
@@ -102,9 +107,17 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     check_vocab(model, data)
     if protocol not in ("full", "sampled"):
         raise EzSASRecError(f"--protocol: unknown protocol {protocol!r}; use full or sampled")
+    if holdout is None:
+        holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
+                                                                                 "valid")
+    if (split == "valid" and holdout != "valid") or holdout == "none":
+        raise EzSASRecError(f"--split {split}: the model was trained on these targets (holdout "
+                            f"{holdout!r}); evaluate a model trained with holdout 'valid'"
+                            f"{'' if split == 'valid' else ' or test'}")
     _, histories, targets = data.holdout_examples(split)
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
-    result = {"split": split, "protocol": protocol, "users": int(len(targets))}
+    result = {"split": split, "protocol": protocol, "users": int(len(targets)),
+              "fitted_on": f"holdout {holdout}"}
     if protocol == "sampled":
         result["protocol"] = (f"sampled (target vs {num_negatives} {negative_sampling} "
                               "negatives; not comparable with full ranking)")
@@ -125,7 +138,7 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
                         top=top)
     result["model"] = {**ranking_metrics(ranks, ks), "coverage@10": coverage(top, data.num_items)}
     if baselines:
-        train = data.training_sequences()
+        train = data.training_sequences(holdout)
         for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
                                ("markov", MarkovBaseline(data.num_items))):
             baseline.fit(train)
@@ -143,7 +156,9 @@ def format_table(result: dict) -> str:
     """A plain-text table: one row per metric, one column per model/baseline."""
     columns = [c for c in ("model", "popularity", "markov") if c in result]
     names = list(result["model"])
-    lines = [f"split={result['split']} protocol={result['protocol']} users={result['users']:,}",
+    fitted = f" fitted_on={result['fitted_on'].replace(' ', '_')}" if "fitted_on" in result else ""
+    lines = [f"split={result['split']} protocol={result['protocol']} users={result['users']:,}"
+             f"{fitted}",
              f"{'metric':<10}" + "".join(f"{c:>12}" for c in columns)]
     for name in names:
         lines.append(f"{name:<10}" + "".join(f"{result[c].get(name, float('nan')):>12.4f}"

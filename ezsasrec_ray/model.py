@@ -104,25 +104,37 @@ class CausalSelfAttention(keras.layers.Layer):
         self.proj = keras.layers.Dense(dim, name="proj")
         self.attn_dropout = keras.layers.Dropout(dropout)
 
-    def call(self, x, valid, training=False):
-        """x: (B, W, dim) float, valid: (B, W) bool (False = padding) -> (B, W, dim)."""
+    def call(self, x, valid, training=False, last_only=False):
+        """x: (B, W, dim) float, valid: (B, W) bool (False = padding) -> (B, W, dim).
+
+        ``last_only``: only the last position queries (it attends to every valid key): the
+        output is (B, 1, dim), equal to the last row of the full output, at a fraction of the
+        cost (inference of user embeddings needs nothing else)."""
         B, W = tf.shape(x)[0], tf.shape(x)[1]
+        Q = 1 if last_only else W  # query positions
         hd = self.dim // self.heads
 
-        def split_heads(t):  # (B, W, dim) -> (B, heads, W, hd)
-            return tf.transpose(tf.reshape(t, (B, W, self.heads, hd)), (0, 2, 1, 3))
+        def split_heads(t, n):  # (B, n, dim) -> (B, heads, n, hd)
+            return tf.transpose(tf.reshape(t, (B, n, self.heads, hd)), (0, 2, 1, 3))
 
-        q, k, v = tf.split(self.qkv(x), 3, axis=-1)  # 3 x (B, W, dim)
-        q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        att = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(hd))  # (B, heads, W, W)
-        causal = tf.linalg.band_part(tf.ones((W, W)), -1, 0) > 0  # (W, W) lower triangle
-        mask = causal[None, None, :, :] & valid[:, None, None, :]  # (B, 1, W, W)
+        if last_only:  # q of the last position, k and v of all: the qkv kernel split
+            kernel, bias = self.qkv.kernel, self.qkv.bias  # (dim, 3 dim), (3 dim,)
+            q = tf.matmul(x[:, -1, :], kernel[:, :self.dim]) + bias[:self.dim]  # (B, dim)
+            q = q[:, None, :]  # (B, 1, dim)
+            k, v = tf.split(tf.matmul(x, kernel[:, self.dim:]) + bias[self.dim:], 2, axis=-1)
+            mask = valid[:, None, None, :]  # (B, 1, 1, W): the last query sees every key
+        else:
+            q, k, v = tf.split(self.qkv(x), 3, axis=-1)  # 3 x (B, W, dim)
+            causal = tf.linalg.band_part(tf.ones((W, W)), -1, 0) > 0  # (W, W) lower triangle
+            mask = causal[None, None, :, :] & valid[:, None, None, :]  # (B, 1, W, W)
+        q, k, v = split_heads(q, Q), split_heads(k, W), split_heads(v, W)
+        att = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(hd))  # (B, heads, Q, W)
         att = tf.where(mask, att, att.dtype.min)
         att = tf.nn.softmax(att, axis=-1)
         att = tf.where(mask, att, tf.zeros_like(att))  # rows of padding queries: all zero
         att = self.attn_dropout(att, training=training)
-        y = tf.matmul(att, v)  # (B, heads, W, hd)
-        y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, W, self.dim))  # (B, W, dim)
+        y = tf.matmul(att, v)  # (B, heads, Q, hd)
+        y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), (B, Q, self.dim))  # (B, Q, dim)
         return self.proj(y)
 
 
@@ -140,10 +152,13 @@ class Block(keras.layers.Layer):
         self.dropout_2 = keras.layers.Dropout(dropout)
         self.dropout_3 = keras.layers.Dropout(dropout)
 
-    def call(self, x, valid, training=False):
-        """x: (B, W, dim), valid: (B, W) bool -> (B, W, dim)."""
-        x = x + self.dropout_1(self.attn(self.ln_1(x), valid, training=training),
-                               training=training)
+    def call(self, x, valid, training=False, last_only=False):
+        """x: (B, W, dim), valid: (B, W) bool -> (B, W, dim); (B, 1, dim) with ``last_only``
+        (the last position's output only: its attention still reads every position)."""
+        y = self.attn(self.ln_1(x), valid, training=training, last_only=last_only)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, dim)
+        x = x + self.dropout_1(y, training=training)
         h = self.dropout_2(self.fc(self.ln_2(x)), training=training)
         return x + self.dropout_3(self.fc_proj(h), training=training)
 
@@ -179,11 +194,13 @@ class SASRec(keras.Model):
     def call(self, histories, training=False):
         return self.sequence_embeddings(histories, training=training)
 
-    def sequence_embeddings(self, histories, training=False):
+    def sequence_embeddings(self, histories, training=False, last_only=False):
         """Representation at every position.
 
         histories: (B, W) int, W <= maxlen, left-padded with 0 -> (B, W, dim) float.
         Output t only depends on histories[:, :t+1] and not on padding (nor on the width W).
+        ``last_only``: the last block and the final LayerNorm run for the last position only
+        -> (B, 1, dim) (what ``user_embeddings`` needs; the earlier blocks run in full).
         """
         h = tf.cast(tf.convert_to_tensor(histories), tf.int32)  # (B, W)
         if h.shape.rank != 2:
@@ -198,9 +215,11 @@ class SASRec(keras.Model):
         mask = tf.cast(valid, x.dtype)[:, :, None]  # (B, W, 1)
         x = x + self.pos_emb(tf.range(maxlen - W, maxlen))[None]  # positions from the right
         x = self.emb_dropout(x, training=training) * mask  # padding (and item row 0) -> 0
-        for block in self.blocks:
-            x = block(x, valid, training=training) * mask
-        return self.ln_f(x)  # (B, W, dim)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, valid, training=training, last_only=last)
+            x = x * (mask[:, -1:] if last else mask)
+        return self.ln_f(x)  # (B, W, dim), or (B, 1, dim) with last_only
 
     def _item_vectors(self, histories):
         """``item_emb(histories)``: (B, W) int32 -> (B, W, dim), the same values, read with a
@@ -211,12 +230,16 @@ class SASRec(keras.Model):
             return self.item_emb(histories)
         return tf.cast(tf.gather(table, histories), self.item_emb.compute_dtype)
 
-    def user_embeddings(self, histories, training=False):
+    def user_embeddings(self, histories, training=False, jit_compile=False):
         """THE user representation: the output at the last position.
 
         histories: (B, W) int numpy array or tensor, left-padded with 0 -> (B, dim) float tensor.
         Any W works: a width over maxlen keeps the last (most recent) maxlen columns.
-        In inference mode this runs a compiled tf.function (one trace for all shapes).
+        In inference mode this runs a compiled tf.function (one trace for all shapes);
+        ``jit_compile=True`` runs it through XLA instead, which fuses the many small ops (about
+        2x faster on CPU at dim 64) but compiles once per input shape: for callers with a few
+        fixed shapes (:func:`.score.user_vectors`). Values differ from the plain graph's by
+        float32 rounding only.
         """
         if isinstance(histories, tf.Tensor):
             h = tf.cast(histories, tf.int32)
@@ -228,12 +251,19 @@ class SASRec(keras.Model):
             raise ValueError("histories must have at least one column")
         h = h[:, -self.config.maxlen:]  # (B, min(W, maxlen))
         if training:
-            return self.sequence_embeddings(h, training=True)[:, -1, :]
+            return self.sequence_embeddings(h, training=True, last_only=True)[:, -1, :]
+        if jit_compile:
+            return self._user_embeddings_xla(h)
         return self._user_embeddings_inference(h)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)], jit_compile=True)
+    def _user_embeddings_xla(self, histories):
+        return self.sequence_embeddings(histories, training=False, last_only=True)[:, -1, :]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
     def _user_embeddings_inference(self, histories):
-        return self.sequence_embeddings(histories, training=False)[:, -1, :]  # (B, dim)
+        # (B, dim): the last block runs for the last position only
+        return self.sequence_embeddings(histories, training=False, last_only=True)[:, -1, :]
 
     def item_embeddings(self):
         """The item table (num_items + 1, dim), row 0 = padding (never a valid item)."""

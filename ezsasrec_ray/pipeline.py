@@ -305,6 +305,8 @@ def _check_evaluate(config: PipelineConfig):
         _check_choice(src, "evaluate", "split", values["split"], ("valid", "test"))
     if "protocol" in values:
         _check_choice(src, "evaluate", "protocol", values["protocol"], ("full", "sampled"))
+    if values.get("holdout") is not None:
+        _check_choice(src, "evaluate", "holdout", values["holdout"], ("valid", "test"))
     if "negative_sampling" in values:
         _check_choice(src, "evaluate", "negative_sampling", values["negative_sampling"],
                       ("uniform", "popularity"))
@@ -365,6 +367,9 @@ def validate(config: PipelineConfig, stages: Sequence[str] = STAGES) -> Pipeline
     except (EzSASRecError, TypeError) as exc:
         raise EzSASRecError(f"{src}: {_named('train', str(exc))}") from None
     _check_evaluate(config)
+    if "evaluate" in stages and config.train.get("holdout") == "none":
+        raise EzSASRecError(f"{src}: train.holdout: 'none' trains on the test targets, so the "
+                            "evaluate stage cannot measure the model")
     _check_score(config)
     return config
 
@@ -809,6 +814,11 @@ def run_pipeline(config: PipelineConfig, *, stages: Sequence[str] = STAGES,
     stage (``status``: ran | skipped | would run). Raises :class:`StageFailed`."""
     from . import __version__
 
+    if config.train.get("holdout") == "none" and "evaluate" in stages:
+        # a model trained on every event has seen the test targets: nothing to measure
+        stages = [s for s in stages if s != "evaluate"]
+        log("[pipeline] evaluate skipped: train.holdout is 'none' (the model trains on the "
+            "test targets)")
     validate(config, stages)
     date = check_date(date)
     package = os.path.dirname(os.path.abspath(__file__))

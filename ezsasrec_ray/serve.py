@@ -255,11 +255,10 @@ class Recommender:
         return out
 
     def _warm_up(self):
-        """Trace the encoder for every history width, so first requests are not slow."""
-        from .score import bucket_widths, user_vectors
+        """Compile the encoder for every call shape, so first requests are not slow."""
+        from .score import warm_up
 
-        for width in bucket_widths(self.model.config.maxlen):
-            user_vectors(self.model, [np.ones(int(width), np.int32)])
+        warm_up(self.model)
 
     # -- resolving raw ids ----------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .data import HOLDOUTS
 from .errors import EzSASRecError
 from .model import SASRecConfig
 from .model_io import MODEL_FORMAT_VERSION
@@ -62,6 +63,9 @@ class TrainConfig:
     batch_size: int = 128  # per worker; the global batch is batch_size x num_workers
     lr: float = 1e-3
     lr_scaling: str = "sqrt"  # sqrt | linear | none: how lr grows with num_workers
+    # constant | cosine: lr x (1 + cos(pi x progress)) / 2, set at each epoch's start, where
+    # progress = the larger of epochs done / epochs and training time / time_budget_s
+    lr_schedule: str = "constant"
     loss: str = "softmax"  # bce | sampled_softmax | softmax | gbce
     negatives: int = 256  # sampled_softmax and gbce
     negative_sampling: str = "uniform"  # uniform | popularity (sampled_softmax, with log-q)
@@ -79,6 +83,11 @@ class TrainConfig:
     precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16 (GPU)
     xla: bool = False
     patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    # What to train on (data.fit_lengths): valid = hold out the validation and test targets
+    # (validation metrics, early stopping, best epoch kept); test = also train on the
+    # validation targets, the final model for a test evaluation (no validation: runs the
+    # epochs or the time budget, keeps the last epoch); none = every event (production).
+    holdout: str = "valid"
     time_budget_s: float | None = None  # stop after the epoch that crosses this training time
     trim_batches: bool = True  # False: fixed maxlen-wide batches, no bucketing (for benchmarks)
     seed: int = 0
@@ -105,9 +114,10 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise EzSASRecError(f"--loss: unknown loss {self.loss!r}; use one of {sorted(LOSSES)}")
         choices = {"lr_scaling": ("sqrt", "linear", "none"),
+                   "lr_schedule": ("constant", "cosine"),
                    "negative_sampling": ("uniform", "popularity"),
                    "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
-                   "optimizer": OPTIMIZERS}
+                   "optimizer": OPTIMIZERS, "holdout": HOLDOUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise EzSASRecError(f"--{name.replace('_', '-')}: unknown value "
@@ -135,6 +145,15 @@ class TrainConfig:
         scale = {"sqrt": math.sqrt(self.num_workers), "linear": float(self.num_workers),
                  "none": 1.0}[self.lr_scaling]
         return self.lr * scale
+
+    def lr_factor(self, epochs_done: int, train_seconds: float) -> float:
+        """The schedule's multiplier of the learning rate for the next epoch."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = epochs_done / self.epochs
+        if self.time_budget_s:
+            progress = max(progress, train_seconds / self.time_budget_s)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +209,10 @@ class Adam:
         self.lazy = [id(w) in lazy_ids for w in self.variables_to_train]
         self._targets = [w.value if isinstance(w, keras.Variable) else w  # the tf.Variables
                          for w in self.variables_to_train]
-        self.learning_rate, self.beta_1, self.beta_2 = learning_rate, beta_1, beta_2
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        # a variable, so a schedule can change it between steps (set_learning_rate)
+        self.learning_rate = tf.Variable(float(learning_rate), dtype=tf.float32,
+                                         trainable=False, name="adam_learning_rate")
         self.epsilon = epsilon
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_step")
         self.m = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_m_{i}")
@@ -201,6 +223,10 @@ class Adam:
     @property
     def variables(self) -> list:
         return [self.step, *self.m, *self.v]
+
+    def set_learning_rate(self, value: float):
+        """Outside the step (every replica gets the same value)."""
+        self.learning_rate.assign(float(value))
 
     def apply(self, gradients):
         """gradients: this replica's gradient of each of ``variables_to_train`` (in order)."""
@@ -245,7 +271,7 @@ class Adam:
 
         tf.raw_ops.ResourceApplyAdam(
             var=weight.handle, m=self.m[i].handle, v=self.v[i].handle,
-            beta1_power=powers[0], beta2_power=powers[1], lr=self.learning_rate,
+            beta1_power=powers[0], beta2_power=powers[1], lr=tf.identity(self.learning_rate),
             beta1=self.beta_1, beta2=self.beta_2, epsilon=self.epsilon,
             grad=tf.cast(gradient, weight.dtype))
 
@@ -380,10 +406,12 @@ def train_loop_per_worker(loop_config: dict):
 
     values, offsets = _load_worker_shard(ray.train.get_dataset_shard("train"))
     lengths = np.diff(offsets)
-    valid = np.load(loop_config["valid_path"], allow_pickle=False)
-    rows = np.flatnonzero(valid["user_index"] % world == rank)  # this worker's share
-    v_values, v_offsets = take_rows(valid["history_values"], valid["history_offsets"], rows)
-    v_targets = valid["targets"][rows]
+    validate = cfg.holdout == "valid"  # otherwise the validation targets are trained on
+    if validate:
+        valid = np.load(loop_config["valid_path"], allow_pickle=False)
+        rows = np.flatnonzero(valid["user_index"] % world == rank)  # this worker's share
+        v_values, v_offsets = take_rows(valid["history_values"], valid["history_offsets"], rows)
+        v_targets = valid["targets"][rows]
     popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
 
     with strategy.scope():
@@ -431,6 +459,9 @@ def train_loop_per_worker(loop_config: dict):
         if cfg.time_budget_s and state.get("train_seconds", 0.0) >= cfg.time_budget_s:
             break
         rng = np.random.default_rng([cfg.seed, epoch, rank])
+        # from the all-reduced state, so every worker sets the same rate
+        lr = cfg.effective_lr() * cfg.lr_factor(epoch - 1, state.get("train_seconds", 0.0))
+        optimizer.set_learning_rate(lr)
         started = time.time()
         total_loss, steps, sequences_seen = 0.0, 0, 0
         positions = 0
@@ -453,20 +484,25 @@ def train_loop_per_worker(loop_config: dict):
             steps += 1
             sequences_seen += len(rows)
         train_seconds = time.time() - started
-        sums, counts = evaluate_examples(model, (v_values, v_offsets), v_targets,
-                                         batch_size=cfg.eval_batch_size, reduce="sum")
-        names = sorted(sums)
-        totals = all_sum(tf.constant([sums[n] for n in names] + [counts], tf.float64)).numpy()
-        users = max(totals[-1], 1.0)
-        metrics = {name: float(totals[i] / users) for i, name in enumerate(names)}
+        metrics, totals = {}, [0.0]
+        if validate:
+            sums, counts = evaluate_examples(model, (v_values, v_offsets), v_targets,
+                                             batch_size=cfg.eval_batch_size, reduce="sum")
+            names = sorted(sums)
+            totals = all_sum(tf.constant([sums[n] for n in names] + [counts],
+                                         tf.float64)).numpy()
+            users = max(totals[-1], 1.0)
+            metrics = {name: float(totals[i] / users) for i, name in enumerate(names)}
         throughput, positions = all_sum(
             tf.constant([sequences_seen, positions], tf.float64)).numpy()
-        record = {"epoch": epoch, "loss": total_loss / max(steps, 1),
+        record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "lr": lr,
                   "sequences_per_s": throughput / max(train_seconds, 1e-9),
                   "positions_per_s": positions / max(train_seconds, 1e-9),
                   "epoch_seconds": time.time() - started, "train_seconds": train_seconds,
-                  "valid_users": int(totals[-1]), **{f"valid_{k}": v for k, v in metrics.items()}}
-        score = metrics.get("NDCG@10", 0.0)
+                  **({"valid_users": int(totals[-1])} if validate else {}),
+                  **{f"valid_{k}": v for k, v in metrics.items()}}
+        # without validation every epoch counts as an improvement: the last one is kept
+        score = metrics.get("NDCG@10", 0.0) if validate else float(epoch)
         improved = score > state["best"]
         # every worker sees the same (all-reduced) numbers, so all stop at the same epoch
         mean_seconds = all_sum(tf.constant([train_seconds], tf.float64)).numpy()[0] / world
@@ -478,7 +514,8 @@ def train_loop_per_worker(loop_config: dict):
                      bad_epochs=0 if improved else state["bad_epochs"] + 1,
                      train_seconds=state.get("train_seconds", 0.0) + float(mean_seconds))
         state["history"].append(record)
-        report = {**record, "NDCG@10": score, "best_NDCG@10": state["best"]}
+        report = ({**record, "NDCG@10": score, "best_NDCG@10": state["best"]} if validate
+                  else dict(record))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -486,10 +523,11 @@ def train_loop_per_worker(loop_config: dict):
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=ckpt)
         if rank == 0 and loop_config["train"].get("verbose", True):
+            valid_text = (f"valid NDCG@10 {score:.4f} HR@10 {metrics.get('HR@10', 0.0):.4f}"
+                          f"{'  *' if improved else ''}" if validate
+                          else f"(holdout {cfg.holdout}: no validation)")
             print(f"epoch {epoch:>3}: loss {record['loss']:.4f}  "
-                  f"{record['sequences_per_s']:,.0f} seq/s  "
-                  f"valid NDCG@10 {score:.4f} HR@10 {metrics.get('HR@10', 0.0):.4f}"
-                  f"{'  *' if improved else ''}", flush=True)
+                  f"{record['sequences_per_s']:,.0f} seq/s  {valid_text}", flush=True)
         _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world)
 
 
@@ -524,17 +562,20 @@ def _maybe_inject_fault(fault: dict | None, epoch: int, rank: int, world: int):
 # The driver
 
 
-def _training_dataset(data):
+def _training_dataset(data, holdout: str = "valid"):
     """Ray Data dataset of training sequences (column ``items``) from a prepared dataset."""
     import pyarrow as pa
 
     from .data import training_sequences
 
+    kind = data.split_kind
+
     def to_train(batch: pa.Table) -> pa.Table:
-        items = training_sequences(batch)
+        items = training_sequences(batch, holdout, kind)
         return pa.table({"items": items})
 
-    return data.sequences_dataset(columns=["item_indices", "n_train"]).map_batches(
+    columns = ["item_indices", "n_events", "n_train", "train_only"]
+    return data.sequences_dataset(columns=columns).map_batches(
         to_train, batch_format="pyarrow", batch_size=None)
 
 
@@ -569,10 +610,14 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     # Validation examples and item popularity: small arrays on the shared storage path.
     aux_dir = os.path.join(storage, run_name + "-inputs")
     os.makedirs(aux_dir, exist_ok=True)
-    user_index, histories, targets = prepared.holdout_examples("valid")
-    valid_path = os.path.join(aux_dir, "valid.npz")
-    np.savez(valid_path, user_index=user_index, history_values=histories.values.to_numpy(),
-             history_offsets=histories.offsets.to_numpy().astype(np.int64), targets=targets)
+    valid_path = None
+    if config.holdout == "valid":
+        user_index, histories, targets = prepared.holdout_examples("valid")
+        valid_path = os.path.join(aux_dir, "valid.npz")
+        np.savez(valid_path, user_index=user_index, history_values=histories.values.to_numpy(),
+                 history_offsets=histories.offsets.to_numpy().astype(np.int64),
+                 targets=targets)
+    score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
     popularity = np.zeros(prepared.num_items + 1, np.float64)
     counts = prepared.items()
     popularity[counts["index"].to_numpy()] = counts["count"].to_numpy()
@@ -595,17 +640,17 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
             name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="NDCG@10",
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order="max")),
         # Materialized first, so feeding the workers needs no CPU slot: on a small machine
         # the training workers hold every CPU and a lazy read would wait forever.
-        datasets={"train": _training_dataset(prepared).materialize()},
+        datasets={"train": _training_dataset(prepared, config.holdout).materialize()},
     )
     started = time.time()
     result = trainer.fit()
     if result.error:
         raise result.error
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("NDCG@10", -1))
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(score_attribute, -1))
     best_checkpoint, best_metrics = best
     with result.checkpoint.as_directory() as latest:
         with open(os.path.join(latest, TRAIN_STATE)) as f:
@@ -679,8 +724,10 @@ def _plot_curves(history: list[dict], path: str):
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(epochs, [h["loss"] for h in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    right.plot(epochs, [h.get("valid_NDCG@10", 0) for h in history], marker="o", color="C1")
-    right.set(xlabel="epoch", ylabel="NDCG@10", title="validation NDCG@10 (full catalog)")
+    if "valid_NDCG@10" in history[0]:
+        right.plot(epochs, [h["valid_NDCG@10"] for h in history], marker="o", color="C1")
+    right.set(xlabel="epoch", ylabel="NDCG@10", title="validation NDCG@10 (full catalog)"
+              if "valid_NDCG@10" in history[0] else "no validation (holdout test / none)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -285,3 +285,20 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"ezsasrec prepare: error: {tmp_path / 'x.csv'}: input not found")
+
+
+def test_fit_lengths_by_holdout_and_split_kind():
+    from ezsasrec_ray.data import fit_lengths, training_sequences
+
+    # leave-one-out: users with 5 and 2 events (the second is train-only)
+    loo = pa.table({"item_indices": pa.array([[1, 2, 3, 4, 5], [6, 7]]),
+                    "n_events": pa.array([5, 2]), "n_train": pa.array([3, 2]),
+                    "train_only": pa.array([False, True])})
+    assert fit_lengths(loo, "valid").tolist() == [3, 2]
+    assert fit_lengths(loo, "test").tolist() == [4, 2]
+    assert fit_lengths(loo, "none").tolist() == [5, 2]
+    assert training_sequences(loo, "test").to_pylist() == [[1, 2, 3, 4], [6, 7]]
+    # time split: one target after the cutoff, so holdout test keeps the cutoff too
+    assert fit_lengths(loo, "test", kind="time").tolist() == [3, 2]
+    with pytest.raises(EzSASRecError, match="--holdout: unknown value 'x'"):
+        fit_lengths(loo, "x")

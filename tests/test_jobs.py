@@ -196,6 +196,9 @@ def test_example_config_lists_every_option_and_is_valid():
     ("prepare.input=/no/such/log.csv", "prepare.input: /no/such/log.csv: input not found"),
     ("evaluate.ks=[0, 10]", "evaluate.ks: expected positive integers"),
     ("evaluate.protocol=approx", "evaluate.protocol: unknown value 'approx'"),
+    ("evaluate.holdout=none", "evaluate.holdout: unknown value 'none'"),
+    ("train.holdout=all", "train.holdout: unknown value 'all'"),
+    ("train.lr_schedule=step", "train.lr_schedule: unknown value 'step'"),
     ("score.format=xml", "score.format: unknown value 'xml'"),
     ("score.top_n=0", "score.top_n: must be >= 1, got 0"),
     ("score.users=/no/users.txt", "score.users: file not found"),
@@ -399,6 +402,11 @@ def test_pipeline_job_runs_skips_and_fails_safely(job_server, tmp_path):
                         check=True, log=lines.append)
     assert [r["status"] for r in plan] == ["skipped", "skipped", "would run", "would run"]
     assert "[pipeline] evaluate: would run (forced)" in lines
+    # a production model trained on every event: nothing left to evaluate it on
+    plan = run_pipeline(load_config(str(config), ["train.holdout=none"]), date="2026-01-03",
+                        check=True, log=lines.append)
+    assert [r["stage"] for r in plan] == ["prepare", "train", "score"]
+    assert any("evaluate skipped: train.holdout is 'none'" in line for line in lines)
 
     # 3. A stage that fails (an unknown user in score.users): one line naming the stage; the
     #    earlier stages are skipped, and last night's scores and scores/latest are kept.

@@ -162,3 +162,20 @@ def test_save_load_round_trip(model, tmp_path):
     h = histories()
     np.testing.assert_array_equal(loaded.user_embeddings(h).numpy(),
                                   model.user_embeddings(h).numpy())
+
+
+def test_last_only_equals_last_row_of_the_full_pass():
+    """user_embeddings runs the last block for the last position only: same values as the
+    last row of the full pass, for several heads, widths, and an empty history."""
+    config = SASRecConfig(num_items=50, maxlen=12, dim=16, blocks=3, heads=4, dropout=0.3)
+    model = build_model(config)
+    rng = np.random.default_rng(3)
+    for width in (1, 5, 12):
+        h = rng.integers(1, 51, (6, width)).astype(np.int32)
+        h[0] = 0  # empty history
+        h[1, : width - 1] = 0  # one item
+        full = model.sequence_embeddings(h).numpy()[:, -1]
+        last = model.sequence_embeddings(h, last_only=True).numpy()
+        assert last.shape == (6, 1, 16)
+        np.testing.assert_allclose(last[:, 0], full, atol=1e-5)
+        np.testing.assert_allclose(model.user_embeddings(h).numpy(), full, atol=1e-5)

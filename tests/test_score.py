@@ -287,3 +287,16 @@ def test_score_pairs_matches_numpy_and_recommend(prepared, model_dir, baseline_r
     np.testing.assert_array_equal(again.to_numpy()[0], top[1])
     with pytest.raises(EzSASRecError, match="unknown item"):
         score_pairs(model, prepared, users, ["no-such-item"])
+
+
+def test_sequences_read_as_row_ranges_so_actors_share_one_file(prepared):
+    from ezsasrec_ray.score import _sequences_dataset
+
+    files = [f for f in os.listdir(prepared.sequences_path) if f.endswith(".parquet")]
+    dataset = _sequences_dataset(prepared, blocks=4 * len(files), min_rows=10).materialize()
+    assert dataset.num_blocks() >= 4 * len(files)
+    users = sorted(dataset.to_pandas()["user_index"].tolist())
+    assert users == sorted(prepared.sequences(["user_index"])["user_index"].to_pylist())
+    # at least min_rows users a block: never more blocks than that allows
+    few = _sequences_dataset(prepared, blocks=1000, min_rows=100).materialize()
+    assert few.num_blocks() <= len(files) + prepared.num_users // 100

@@ -258,3 +258,44 @@ def test_checkpoint_restores_lazy_optimizer_state(tmp_path):
     smaller = Adam(model.trainable_variables[1:], 0.001)
     with pytest.raises(EzSASRecError, match="optimizer.npz: optimizer state"):
         _restore_checkpoint(str(tmp_path), model, smaller)
+
+
+def test_holdout_test_trains_on_validation_targets_without_validation(prepared, tmp_path):
+    from ezsasrec_ray.train import _training_dataset
+
+    data = load_prepared(prepared)
+    seq = data.sequences()
+    n_train, n_events = seq["n_train"].to_numpy(), seq["n_events"].to_numpy()
+    train_only = seq["train_only"].to_numpy(zero_copy_only=False)
+    for holdout, expected in (("valid", n_train),
+                              ("test", np.where(train_only, n_train, n_events - 1)),
+                              ("none", n_events)):
+        rows = _training_dataset(data, holdout).take_all()
+        lengths = sorted(len(r["items"]) for r in rows)
+        assert lengths == sorted(expected.tolist()), holdout
+    out = tmp_path / "final"
+    metrics = train(prepared, str(out), epochs=2, holdout="test",
+                    storage_path=str(tmp_path / "runs"), **TINY)
+    assert metrics["valid"] == {} and metrics["best_epoch"] == 2
+    assert metrics["train"]["holdout"] == "test"
+    assert "valid_NDCG@10" not in pd.read_csv(out / "history.csv").columns
+    result = evaluate(prepared, str(out), split="test")
+    assert result["fitted_on"] == "holdout test"
+    with pytest.raises(EzSASRecError, match="trained on these targets"):
+        evaluate(prepared, str(out), split="valid")
+    with pytest.raises(EzSASRecError, match="--holdout: unknown value 'all'"):
+        train(prepared, str(tmp_path / "bad"), holdout="all")
+
+
+def test_cosine_schedule_by_epochs_or_time_budget():
+    constant = TrainConfig(epochs=10)
+    assert constant.lr_factor(5, 100.0) == 1.0
+    cosine = TrainConfig(epochs=10, lr_schedule="cosine")
+    assert cosine.lr_factor(0, 0.0) == 1.0
+    assert cosine.lr_factor(5, 0.0) == pytest.approx(0.5)
+    assert cosine.lr_factor(10, 0.0) == pytest.approx(0.0)
+    budget = TrainConfig(epochs=1000, lr_schedule="cosine", time_budget_s=600)
+    assert budget.lr_factor(3, 300.0) == pytest.approx(0.5)  # time is the larger progress
+    assert budget.lr_factor(3, 900.0) == pytest.approx(0.0)
+    with pytest.raises(EzSASRecError, match="--lr-schedule: unknown value 'step'"):
+        TrainConfig(lr_schedule="step")
