@@ -701,6 +701,13 @@ def list_prefixes(lists: pa.Array, lengths: np.ndarray) -> pa.ListArray:
 HOLDOUTS = ("valid", "test", "none")
 
 
+def check_holdout(holdout: str) -> str:
+    """``holdout`` if it is one of HOLDOUTS, else a one-line error."""
+    if holdout not in HOLDOUTS:
+        raise EzSASRecError(f"--holdout: unknown value {holdout!r}; use one of {HOLDOUTS}")
+    return holdout
+
+
 def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> np.ndarray:
     """How many of each user's first items a model (or baseline) may be fitted on.
 
@@ -710,8 +717,7 @@ def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> n
     final model for a test-split evaluation, fitted on what the baselines of that evaluation
     see. ``"none"``: every event (the production model; no held-out metrics are valid).
     """
-    if holdout not in HOLDOUTS:
-        raise EzSASRecError(f"--holdout: unknown value {holdout!r}; use one of {HOLDOUTS}")
+    check_holdout(holdout)
     n_train = table["n_train"].to_numpy().astype(np.int64)
     if holdout == "none":
         return table["n_events"].to_numpy().astype(np.int64)

@@ -96,7 +96,7 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     Returns ``{"split", "protocol", "users", "fitted_on", "model": {...},
     "popularity": {...}, "markov": {...}}`` with HR@K, NDCG@K, MRR and coverage@10 for each.
     """
-    from .data import load_prepared
+    from .data import check_holdout, load_prepared
     from .errors import EzSASRecError
     from .model_io import check_vocab, load_model
 
@@ -110,6 +110,7 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     if holdout is None:
         holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
                                                                                  "valid")
+    check_holdout(holdout)  # before the ranking, not after it
     if (split == "valid" and holdout != "valid") or holdout == "none":
         raise EzSASRecError(f"--split {split}: the model was trained on these targets (holdout "
                             f"{holdout!r}); evaluate a model trained with holdout 'valid'"

@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .data import keyed_stats_actor, sha256_file
+from .data import SEQUENCE_COLUMNS, keyed_stats_actor, sha256_file
 from .errors import EzSASRecError, find_user_error
 from .topk import DEFAULT_CHUNK_SIZE
 
@@ -72,7 +72,6 @@ FORMATS = ("parquet", "jsonl", "csv")
 HOLDOUTS = ("test", "valid")
 DEFAULT_BATCH_SIZE = 4096  # users per Ray Data batch (fewer part-filled encoder calls than 1024)
 RESULTS_DIR = "recommendations"
-SEQUENCE_COLUMNS = ["user_index", "user_id", "item_indices", "n_events", "n_train", "train_only"]
 _MIN_WIDTH = 8  # narrowest history bucket
 _CALL_TOKENS = 2048  # rows x width of one encoder call (rows a power of two in 32..512)
 _MIN_CALL_ROWS, _MAX_CALL_ROWS = 32, 512
@@ -836,9 +835,9 @@ def score_pairs(model, data, user_ids, item_ids, *, holdout: str | None = None):
             raise EzSASRecError(f"score_pairs: {len(bad)} unknown {name} id(s) not in "
                                 f"{data.path} (first: {', '.join(bad[:5])})")
     wanted = np.unique(uidx)
-    table = pq.read_table(data.sequences_path, columns=SEQUENCE_COLUMNS,
+    table = pq.read_table(data.sequences_path, columns=list(SEQUENCE_COLUMNS),
                           filters=[("user_index", "in", wanted.tolist())]) if wanted.size \
-        else pq.read_table(data.sequences_path, columns=SEQUENCE_COLUMNS).slice(0, 0)
+        else pq.read_table(data.sequences_path, columns=list(SEQUENCE_COLUMNS)).slice(0, 0)
     if holdout is None:
         index, histories = table["user_index"].to_numpy(), table["item_indices"].combine_chunks()
     else:

@@ -484,7 +484,7 @@ def train_loop_per_worker(loop_config: dict):
             steps += 1
             sequences_seen += len(rows)
         train_seconds = time.time() - started
-        metrics, totals = {}, [0.0]
+        metrics = {}
         if validate:
             sums, counts = evaluate_examples(model, (v_values, v_offsets), v_targets,
                                              batch_size=cfg.eval_batch_size, reduce="sum")
