@@ -404,6 +404,7 @@ class BatchScorer:
         self.include_seen = include_seen
         self.list_encoding = list_encoding
         self.stats = stats
+        self._last_record = None  # the last batch record sent to the stats actor
 
     def histories(self, batch: pa.Table) -> tuple[pa.Table, pa.ListArray]:
         """The users kept and the history each is scored on (time order)."""
@@ -430,13 +431,14 @@ class BatchScorer:
         phases: dict = {}
         result = self.score(users["user_id"].combine_chunks(), histories, timings=phases)
         if self.stats is not None and first >= 0:
-            import ray
-
+            # Not waited for: on a busy machine the stats actor can take a tenth of a batch to
+            # answer, time the scorer's threads would sit idle. recommend() waits for every
+            # batch's record before it checks the counts.
             lengths = pc.list_value_length(result["item_ids"]).to_numpy()
-            ray.get(self.stats.record.remote(first, {
+            self._last_record = self.stats.record.remote(first, {
                 "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
                 "seconds": time.perf_counter() - started, **phases,
-                "window": (wall_started, time.time())}))
+                "window": (wall_started, time.time())})
         if self.list_encoding == "json":
             result = pa.table({
                 "user_id": result["user_id"],
@@ -539,6 +541,20 @@ def _expected_users(data, users: np.ndarray | None, holdout: str | None) -> tupl
     if users is not None:
         keep &= np.isin(table["user_index"].to_numpy(), users)
     return int(keep.sum()), requested - int(keep.sum())
+
+
+def _batch_records(stats, expected: int, timeout_s: float = 30.0) -> dict:
+    """The scorers' per-batch records, once they cover ``expected`` users (the scorers send
+    them without waiting, so the last ones may still be on their way when the output is
+    written), or whatever has arrived after ``timeout_s``."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while True:
+        batches = ray.get(stats.get.remote())
+        if sum(b["rows"] for b in batches.values()) >= expected or time.time() > deadline:
+            return batches
+        time.sleep(0.05)
 
 
 def _count_rows(directory: str, fmt: str) -> int:
@@ -699,7 +715,7 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
                 raise type(user_error)(user_error.message) from None
             raise
         score_s = time.time() - t
-        batches = ray.get(stats.get.remote())
+        batches = _batch_records(stats, expected)
         written = _count_rows(results, format)
         scored = sum(b["rows"] for b in batches.values())
         busy_s = sum(b["seconds"] for b in batches.values())

@@ -34,12 +34,16 @@ included. ``EMPTY_KEY`` (the int64 minimum) marks "no item" and decodes to index
 
 Speed. Users are taken in blocks of 512 rows and the catalog in chunks of ``chunk_size`` items;
 each (chunk, users) score block is one float32 matmul ``item_vectors @ users.T`` (items x users:
-BLAS runs this shape near its peak when d is small) that stays in cache while it is compared
-with each user's running threshold (the score of the current k-th best, or keep-th): one
-comparison and one ``flatnonzero`` per block, after which only the few candidates (about
-k x chunk / items seen per user) are touched. History items are excluded by writing -inf into
-the block at their positions. The exact float64 scores above are computed for about k items
-per user only, so the matmul is most of the time. Memory is O(min(B, 512) x chunk_size + B x k).
+BLAS runs this shape near its peak when d is small), read once while it is still in cache by a
+compiled loop (:mod:`ezsasrec_ray.topk_kernel`) that compares it with each user's running
+threshold (the score of the current keep-th best) and touches only the few candidates, raising
+the threshold as better items arrive; history items are skipped there. Thresholds start high:
+the items are stored in a fixed random order, so the first chunk is a sample of the catalog and
+a user's r-th best there (r from the sample size, :meth:`TopK._pilot_rank`) is almost surely
+below their k-th best overall; only about 3 k candidates per user then reach the loop's slow
+path, and the rare users with too few items above it are searched again. The exact float64
+scores above are computed for about k items per user only, so the matmul is most of the time.
+Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
 
 Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
 go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same tie rule.
@@ -47,7 +51,11 @@ go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ezsasrec_ray import topk_kernel
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -63,17 +71,16 @@ __all__ = [
     "top_k_from_scores",
 ]
 
-EMPTY_KEY = np.iinfo(np.int64).min  # "no item": decodes to index 0, score -inf
+EMPTY_KEY = topk_kernel.EMPTY_KEY  # "no item" (the int64 minimum): index 0, score -inf
 DEFAULT_CHUNK_SIZE = 2048  # items per (chunk x 512 users) score block: 4 MiB, in cache
 
 _MAX_INDEX = 0x7FFFFFFF  # 2**31 - 1: largest item index a key can hold
 _LOW_32 = 0xFFFFFFFF
 _FLT_MAX = float(np.finfo(np.float32).max)
 _EXTRA = 16  # the fast pass keeps k + _EXTRA items per row, so near-ties at the k-th survive
-_MIN_FIRST_CHUNK = 128  # the top-k pass starts with chunks of max(k + _EXTRA, this)
-_EXACT_BLOCK = 1 << 20  # floats gathered at once by exact_scores (4 MiB, cache-sized)
+_MIN_FIRST_CHUNK = 128  # top_k_from_scores starts with chunks of max(k, this)
+_PILOT_MISS = 0.01  # rows whose pilot threshold may be too high, searched again
 _ROW_BLOCK = 512  # users scored together: a (512, chunk) score block stays in cache
-_MERGE_EVERY = 4  # candidates per row (on average, at least keep / 2) gathered before a merge
 
 
 # -----------------------------------------------------------------------------
@@ -117,26 +124,22 @@ def exact_scores(user_vecs, item_table, items):
     """Reproducible dot products: (B, d), (N+1, d), items (B, K) or (B,) -> (B, K) or (B,).
 
     Each float32 product is exact in float64; the d products are summed in float64 in index
-    order and the sum is rounded once to float32. Elementwise numpy operations only (no BLAS,
-    no pairwise sums), so the result does not depend on shapes, batch or machine.
+    order and the sum is rounded once to float32 (:func:`topk_kernel.exact_dots`: no BLAS, no
+    pairwise sums), so the result does not depend on shapes, batch or machine.
     """
     users = _as_matrix(user_vecs, "user_vecs")
     table = _as_matrix(item_table, "item_table")
-    items = np.asarray(items, np.intp)
+    items = np.asarray(items, np.int64)
     if items.ndim == 1:
         return exact_scores(users, table, items[:, None])[:, 0]
     if items.ndim != 2 or items.shape[0] != users.shape[0]:
         raise ValueError(f"items must be (B,) or (B, K) with B={users.shape[0]}, got {items.shape}")
+    if users.shape[1] != table.shape[1]:
+        raise ValueError(f"user_vecs has d={users.shape[1]}, item_table d={table.shape[1]}")
+    if items.size and (items.min() < 0 or items.max() >= table.shape[0]):
+        raise ValueError(f"items must be row indices of item_table, 0..{table.shape[0] - 1}")
     out = np.empty(items.shape, np.float32)
-    step = max(1, _EXACT_BLOCK // max(1, items.shape[1] * users.shape[1]))
-    for a in range(0, items.shape[0], step):
-        vecs = table[items[a : a + step]]  # (b, K, d) float32
-        u = users[a : a + step].astype(np.float64)
-        acc = np.zeros(vecs.shape[:2], np.float64)
-        for j in range(users.shape[1]):
-            acc += u[:, j, None] * vecs[:, :, j]
-        out[a : a + step] = acc
-    return out
+    return topk_kernel.exact_dots(users, table, np.ascontiguousarray(items), out)
 
 
 def _score_bound(users, max_item_norm):
@@ -237,29 +240,6 @@ def _row_counts(mask):
 # the running top-k
 
 
-def _merge(state, rows, keys):
-    """Merge new keys into the running top-k, in place.
-
-    state (B, keep) int64, rows (n,) int, keys (n,) int64 -> state, each row holding the
-    `keep` largest keys of its old keys and its new ones (unordered).
-    """
-    num_rows, keep = state.shape
-    order = np.argsort(rows.astype(np.uint16) if num_rows <= 1 << 16 else rows,
-                       kind="stable")  # group by row (a radix sort)
-    rows, keys = rows[order], keys[order]
-    counts = np.bincount(rows, minlength=num_rows)
-    touched = np.flatnonzero(counts)
-    width = int(counts.max())
-    local = np.zeros(num_rows, np.intp)
-    local[touched] = np.arange(touched.size)
-    slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
-    buf = np.full((touched.size, keep + width), EMPTY_KEY, np.int64)
-    buf[:, :keep] = state[touched]
-    buf[local[rows], keep + slot] = keys
-    state[touched] = np.partition(buf, width, axis=1)[:, width:]
-    return state
-
-
 def _sorted_desc(keys):
     """int64 (B, K) -> (B, K) sorted descending along rows."""
     return np.sort(keys, axis=1)[:, ::-1]
@@ -276,7 +256,8 @@ class TopK:
         chunk_size: items scored per matmul; memory is O(min(B, 512) x chunk_size + B x k).
 
     Item 0 is never a candidate. Build one TopK and call it for every batch: construction
-    copies the allowed rows (when restricted) and checks the table once.
+    copies the allowed rows (in a fixed random order, see :meth:`_stream`) and checks the
+    table once.
     """
 
     def __init__(self, item_table, *, exclude_items=None, candidates=None,
@@ -296,9 +277,13 @@ class TopK:
             allowed[0] = False
         if exclude_items is not None:
             allowed[_as_items(exclude_items, self.num_items, "exclude_items", lo=0)] = False
-        self._full = bool(allowed[1:].all())
-        self.items = np.flatnonzero(allowed)  # (n,) int64 ascending: the items that can be returned
-        self.vectors = self.table[1:] if self._full else self.table[self.items]  # (n, d)
+        # The items that can be returned, (n,) int64, in a fixed random order: the first chunk
+        # is then a uniform sample of the catalog, from which each user's pruning threshold
+        # starts (see _pilot_rank). The order changes no result (keys are unique).
+        self.items = np.random.default_rng(0).permutation(np.flatnonzero(allowed))
+        self._positions = np.full(self.num_items + 1, -1, np.int64)  # item -> position, or -1
+        self._positions[self.items] = np.arange(self.items.size)
+        self.vectors = self.table[self.items]  # (n, d): row p holds item self.items[p]
         _check_finite(self.vectors, "item_table")
         vecs = self.vectors.astype(np.float64)
         self._norms = np.sqrt(np.einsum("nd,nd->n", vecs, vecs))  # (n,) item norms
@@ -360,7 +345,7 @@ class TopK:
         target_keys = encode_keys(target_scores, targets)
         unit_bound = _score_bound(users, 1.0)
         ranks = np.zeros(num_rows, np.int64)
-        for start, block in self._blocks(users, self.chunk_size, histories, targets):
+        for start, block in self._blocks(users, histories, targets):
             # |fast - exact| <= bound for this chunk's items: fast > hi is surely above the
             # target, fast < lo surely below; the few in between are re-scored exactly.
             bound = unit_bound * self._norms[start : start + block.shape[0]].max()
@@ -426,7 +411,7 @@ class TopK:
 
     def _items_at(self, positions):
         """Positions in self.items (int64 array) -> the items there."""
-        return positions + 1 if self._full else self.items[positions]
+        return self.items[positions]
 
     def _exact_keys(self, users, items):
         """(B, d), items (B, K) with 0 = none -> (B, K) keys of exact scores, EMPTY_KEY for 0."""
@@ -452,24 +437,18 @@ class TopK:
         if targets is not None:
             keep &= items != np.repeat(targets, histories.shape[1])
         rows, items = rows[keep], items[keep]
-        if self._full:
-            found = items <= self.num_items
-            pos = items - 1
-        else:
-            pos = np.searchsorted(self.items, items)
-            found = pos < self.items.size
-            found[found] = self.items[pos[found]] == items[found]
+        pos = self._positions[np.minimum(items, self.num_items)]
+        found = (items <= self.num_items) & (pos >= 0)
         return pos[found], rows[found]
 
-    def _blocks(self, users, first, histories=None, targets=None):
+    def _blocks(self, users, histories=None, targets=None):
         """Fast scores chunk by chunk: yields (start, block) with block (C, B) float32 =
         self.vectors[start:start + C] @ users.T (items x users: the faster BLAS shape for
-        d << B, C), history items (but targets) set to -inf.
+        d << B, C), C = chunk_size but for the last, history items (but targets) set to -inf.
 
-        Chunk sizes as in :func:`_chunk_bounds`. The block buffer is reused: use a block before
-        asking for the next one.
+        The block buffer is reused: use a block before asking for the next one.
         """
-        bounds = _chunk_bounds(self.items.size, self.chunk_size, first)
+        bounds = _chunk_bounds(self.items.size, self.chunk_size, self.chunk_size)
         if not bounds:
             return
         num_rows = users.shape[0]
@@ -491,69 +470,71 @@ class TopK:
                 block.reshape(-1)[(pos[a:b] - start) * num_rows + rows[a:b]] = -np.inf
             yield start, block
 
-    def _stream(self, users, keep, histories, slack, exact):
+    def _stream(self, users, keep, histories, slack, exact, pilot=True):
         """One pass over the allowed items -> (B, keep) int64 keys (unordered) of the best items.
 
         exact=False: keys from fast scores, slack must be 0. exact=True: keys from exact scores;
         slack (B,) >= |fast - exact| widens the pruning thresholds so no candidate is lost.
+        BLAS writes each chunk's scores; :func:`topk_kernel.scan_block` keeps the best.
 
-        Per chunk, one comparison with each row's running threshold and one ``flatnonzero``
-        select the few candidates (about keep x chunk / items seen per row). They are merged
-        into the running top `keep` once about max(_MERGE_EVERY, keep / 2) per row have gathered
-        (a threshold that lags behind only lets more candidates through, never fewer).
+        Pilot (fast keys only): each row's threshold starts at the score of its r-th best item
+        of the first chunk (a random sample of the catalog, r from :meth:`_pilot_rank`), instead
+        of rising from -inf over the first thousands of items. Rows with fewer than `keep`
+        items at or above it (about 1%) are searched again without the pilot.
         """
         num_rows = users.shape[0]
-        state = np.full((num_rows, keep), EMPTY_KEY, np.int64)
-        slack = np.broadcast_to(np.asarray(slack, np.float64), (num_rows,))
-        threshold = np.full(num_rows, -np.inf)  # score of each row's keep-th key
-        mask_buf = np.empty(num_rows * min(self.chunk_size, self.items.size), bool)
-        pending, count = [], 0  # candidates (rows, keys) not merged yet
-        merge_at = num_rows * max(_MERGE_EVERY, keep // 2)  # merges cost O(rows x keep)
-        for start, block in self._blocks(users, max(_MIN_FIRST_CHUNK, keep), histories):
-            lo = np.maximum(_round_down32(threshold - slack), -_FLT_MAX)
-            mask = mask_buf[: block.size].reshape(block.shape)
-            np.greater_equal(block, lo, out=mask)
-            flat = np.flatnonzero(mask)
-            if flat.size == 0:
-                continue
-            cols, rows = np.divmod(flat, num_rows)
-            values = block.reshape(-1)[flat]
-            heavy = _thin_heavy_rows(block, rows, values, keep, slack)
-            if heavy is not None:
-                rows, cols, values = rows[heavy], cols[heavy], values[heavy]
-            items = self._items_at(start + cols)
-            scores = exact_scores(users[rows], self.table, items) if exact else values
-            pending.append((rows, encode_keys(scores, items)))
-            count += rows.size
-            if count >= merge_at:
-                _merge(state, *map(np.concatenate, zip(*pending)))
-                pending, count = [], 0
-                threshold = _key_scores(state.min(axis=1))
-        if pending:
-            _merge(state, *map(np.concatenate, zip(*pending)))
-        return state
+        buf = np.empty((num_rows, 2 * keep), np.int64)  # running top keep, room for as many
+        fill = np.zeros(num_rows, np.int64)
+        kth = np.full(num_rows, EMPTY_KEY, np.int64)
+        lo = np.full(num_rows, -_FLT_MAX, np.float32)
+        slack = np.ascontiguousarray(np.broadcast_to(np.asarray(slack, np.float64), (num_rows,)))
+        hist = np.zeros((num_rows, 0), np.int64) if histories is None else \
+            np.ascontiguousarray(histories, np.int64)
+        rank = self._pilot_rank(keep) if pilot and not exact else 0
+        for start, block in self._blocks(users):
+            if start == 0 and rank:
+                pilot_keys = self._scan(block, 0, hist, users, False, slack, rank)
+                lo = np.maximum(decode_keys(pilot_keys.min(axis=1))[1], np.float32(-_FLT_MAX))
+            topk_kernel.scan_block(block, start, self.items, hist, users, self.table,
+                                   exact, slack, buf, fill, kth, lo)
+        keys = topk_kernel.finish(buf, fill)
+        short = np.flatnonzero(fill < keep) if rank else []
+        if len(short):
+            keys[short] = self._stream(users[short], keep, None if histories is None else
+                                       histories[short], slack[short], exact, pilot=False)
+        return keys
 
+    def _scan(self, block, start, hist, users, exact, slack, keep):
+        """The best `keep` keys per row (B, keep) of one block alone (EMPTY_KEY where fewer)."""
+        num_rows = users.shape[0]
+        buf = np.empty((num_rows, 2 * keep), np.int64)
+        fill = np.zeros(num_rows, np.int64)
+        kth = np.full(num_rows, EMPTY_KEY, np.int64)
+        lo = np.full(num_rows, -_FLT_MAX, np.float32)
+        topk_kernel.scan_block(block, start, self.items, hist, users, self.table, exact, slack,
+                               buf, fill, kth, lo)
+        return topk_kernel.finish(buf, fill)
 
-def _thin_heavy_rows(block, rows, values, keep, slack):
-    """Candidates that may be in a row's top `keep`, when some row has many (first chunk, or
-    scores rising with the item index); None when every candidate is kept.
+    def _pilot_rank(self, keep):
+        """r such that a row's r-th best of the first chunk is at most its keep-th best of the
+        catalog with probability >= 99%, or 0 for no pilot (one chunk, or r >= keep).
 
-    An item whose fast score is below the chunk's keep-th largest minus 2 * slack is beaten by
-    `keep` items of the chunk alone. block (C, B) float32; rows (n,) and values (n,) float32:
-    the candidates' rows and fast scores; slack (B,) -> bool (n,) or None.
-    """
-    width, num_rows = block.shape
-    limit = max(2 * keep, width // 8)
-    if width <= limit or rows.size <= limit:
-        return None
-    heavy = np.flatnonzero(np.bincount(rows, minlength=num_rows) > limit)
-    if heavy.size == 0:
-        return None
-    sub = block[:, heavy]
-    kth = np.partition(sub, width - keep, axis=0)[width - keep].astype(np.float64)
-    floor = np.full(num_rows, -np.inf, np.float32)
-    floor[heavy] = _round_down32(kth - 2 * slack[heavy])
-    return values >= floor[rows]
+        The first chunk holds m of the n items at random, so the number of it among a row's
+        best keep - 1 items is about Poisson(x), x = (keep - 1) m / n; the r-th best of the
+        chunk is too high only when that number reaches r.
+        """
+        n = self.items.size
+        m = min(self.chunk_size, n)
+        if m >= n:
+            return 0
+        x = (keep - 1) * m / n
+        term = tail = math.exp(-x)  # P(0), then the running sum P(< r)
+        r = 1
+        while 1.0 - tail > _PILOT_MISS and r < keep:
+            term *= x / r
+            tail += term
+            r += 1
+        return r if r < keep else 0
 
 
 # -----------------------------------------------------------------------------

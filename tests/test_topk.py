@@ -134,6 +134,21 @@ def test_exact_scores_exact_for_integers_and_batch_independent():
     np.testing.assert_allclose(full, fast, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_scores_equal_a_float64_sum_in_index_order():
+    # the compiled loop against the definition, written with numpy: bit-identical
+    rng = np.random.default_rng(21)
+    users, table = float_data(rng, 7, 300, 64)
+    items = rng.integers(0, 301, (7, 40))
+    want = np.zeros(items.shape, np.float64)
+    for t in range(64):
+        want += users[:, t, None].astype(np.float64) * table[items][:, :, t].astype(np.float64)
+    np.testing.assert_array_equal(exact_scores(users, table, items), want.astype(np.float32))
+    with pytest.raises(ValueError, match="row indices"):
+        exact_scores(users, table, np.full((7, 1), 301))
+    with pytest.raises(ValueError, match="d=64"):
+        exact_scores(users, table[:, :8], items)
+
+
 # -----------------------------------------------------------------------------
 # top_k
 
@@ -310,9 +325,10 @@ def test_top_k_many_users_ties_at_the_k_th_in_every_row_block(monkeypatch):
                 (want[0][::-1], want[1][::-1]))
 
 
-def test_top_k_scores_rising_with_the_index_thin_heavy_rows():
-    # every item beats all earlier ones, so every chunk's items are all candidates: the
-    # per-chunk thinning must keep the exact result, also with near-ties (exact search path)
+def test_top_k_scores_rising_with_the_index():
+    # every item beats all earlier ones, so every item is a candidate and each user's buffer
+    # fills and is cut back again and again: the result must stay exact, also with near-ties
+    # (exact search path)
     dim, num_items = 4, 3000
     users = np.ones((5, dim), np.float32) * np.array([[1], [2], [0.5], [3], [1]], np.float32)
     table = np.zeros((num_items + 1, dim), np.float32)
@@ -324,6 +340,40 @@ def test_top_k_scores_rising_with_the_index_thin_heavy_rows():
         want = brute_top_k(scores, allowed_mask(5, num_items, histories), k)
         for chunk in (256, 1000, 4096):
             assert_same(top_k(users, table, k, histories=histories, chunk_size=chunk), want)
+
+
+def test_pilot_rank_follows_the_sample_size():
+    # the first chunk is a random sample of m of the n items; r = the smallest rank whose
+    # r-th best of the sample is at most the catalog's keep-th with probability >= 99%
+    table = np.zeros((100_001, 2), np.float32)
+    assert TopK(table[:54_543])._pilot_rank(26) == 5  # Beauty size, top 10 (+16)
+    assert TopK(table)._pilot_rank(116) == 8  # 100k items, top 100 (+16)
+    assert TopK(table[:2_000])._pilot_rank(26) == 0  # one chunk: no pilot
+    assert TopK(table[:3_000])._pilot_rank(26) == 0  # r would reach keep: no pilot
+    assert TopK(table, chunk_size=50_000)._pilot_rank(26) == 22  # x = 12.5: P(>= 22) < 1%
+
+
+def test_top_k_rows_the_pilot_threshold_misses_are_searched_again(monkeypatch):
+    # a loose miss rate makes r = 1: the sample's best item is often above a row's keep-th,
+    # so many rows take the second search; results stay exact, with histories too
+    monkeypatch.setattr(topk, "_PILOT_MISS", 0.9)
+    rng = np.random.default_rng(5)
+    users, table = float_data(rng, 40, 3000, 6)
+    histories = rng.integers(0, 3001, (40, 30))
+    index = TopK(table, chunk_size=256)
+    assert index._pilot_rank(20) == 1
+    searches = []
+    stream = TopK._stream
+
+    def spy(self, users, keep, histories, slack, exact, pilot=True):
+        searches.append((users.shape[0], pilot))
+        return stream(self, users, keep, histories, slack, exact, pilot)
+
+    monkeypatch.setattr(TopK, "_stream", spy)
+    scores = all_scores(users, table)
+    want = brute_top_k(scores, allowed_mask(40, 3000, histories), 4)
+    assert_same(index(users, 4, histories=histories), want)
+    assert searches[0] == (40, True) and searches[1][1] is False and 0 < searches[1][0] < 40
 
 
 def test_top_k_all_scores_tied():
