@@ -13,9 +13,10 @@ peak RSS of each scoring actor (and of the driver); the dense float32 matmul pea
 machine measured with numpy in the same run; the FLOPs each user costs (history encoder at
 the width actually used + catalog scoring) and the achieved rate: the roofline ratio; the
 encoder / catalog split measured inside the actor's batches (ms per 1k users and GFLOP/s of
-each); the CPU time other processes took on this shared machine meanwhile. The baseline is a
-per-user loop in the
-style of the original ezSASRec (one user at a time through the model, the full catalog scored,
+each); the CPU time other processes took on this shared machine meanwhile. Each case is scored
+``--repeats`` times (default 3) with the same data and model, and the run with the median
+steady rate is reported, with every run's rate and ratio (runs on this shared 2-core machine
+vary by about 10%). The baseline is a per-user loop in the style of the original ezSASRec (one user at a time through the model, the full catalog scored,
 a full argsort) on a subset of (a), timed in the same run, so the speedup is a measured ratio;
 the original's own rate (11 users/s on Beauty, measured while planning) is quoted too.
 The benchmark's Ray workers run at normal priority (``RAY_worker_niceness=0``; Ray's default
@@ -268,8 +269,67 @@ def per_user_baseline(model, data, users: int, top_n: int) -> dict:
     return {"users": users, "seconds": round(seconds, 2), "users_per_s": users / seconds}
 
 
+def _run_figures(manifest: dict, lengths: np.ndarray, users: int, actors: int,
+                 peak: float) -> dict:
+    """One scoring run's rates, phases and roofline ratio, from its manifest."""
+    timings = manifest["timings"]
+    flops = flops_per_user(lengths, manifest["counts"]["items_allowed"])
+    # steady: wall time from the first batch's start to the last one's end (all actors);
+    # busy: as if every actor were busy all along (batches_s sums over the actors)
+    steady = users / max(timings["batches_window_s"], 1e-9)
+    busy = users / max(timings["batches_s"] / actors, 1e-9)
+    achieved = steady * flops["total"] / 1e9
+    phases = {}  # inside the actors' batches: ms per 1k users and GFLOP/s of each phase
+    for phase, key in (("encoder", "encoder_s"), ("catalog", "catalog_s")):
+        seconds = timings[key] / actors
+        phases[phase] = {"ms_per_1k": round(1e6 * seconds / users, 1),
+                         "gflops": round(users * flops[phase] / max(seconds, 1e-9) / 1e9, 1)}
+    return {
+        "end_to_end_s": timings["score_s"], "end_to_end_users_per_s": timings["users_per_s"],
+        "steady_users_per_s": round(steady, 1), "busy_users_per_s": round(busy, 1),
+        "phases": phases, "flops_per_user_M": {k: round(v / 1e6, 2) for k, v in flops.items()},
+        "achieved_gflops": round(achieved, 1), "roofline_ratio": round(achieved / peak, 3),
+    }
+
+
+def scorer_alone(model_dir: str, data_dir: str, top_n: int, threads: int, users: int,
+                 batch_size: int, repeats: int) -> list[float]:
+    """users/s of the same scorer (``score.BatchScorer``: model, data, top-n, threads) in a
+    plain Ray actor that calls it on batches of the first ``users`` users held in memory: no
+    Ray Data pipeline (no read or write tasks, no block hand-offs, no stats actor). One figure
+    per repeat."""
+    import ray
+
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    @ray.remote(num_cpus=threads, runtime_env={"env_vars": env})
+    class Alone:
+        def __init__(self):
+            from ezsasrec_ray.data import load_prepared
+            from ezsasrec_ray.score import BatchScorer
+
+            self.scorer = BatchScorer(model_path=model_dir, data_path=data_dir, top_n=top_n,
+                                      threads=threads)
+            self.batch = load_prepared(data_dir).sequences().slice(0, users)
+            self.scorer(self.batch.slice(0, 512))  # first calls: compiled code loaded
+
+        def run(self) -> float:
+            started = time.perf_counter()
+            for at in range(0, self.batch.num_rows, batch_size):
+                self.scorer(self.batch.slice(at, batch_size))
+            return self.batch.num_rows / (time.perf_counter() - started)
+
+    actor = Alone.remote()
+    try:
+        return [ray.get(actor.run.remote()) for _ in range(repeats)]
+    finally:
+        ray.kill(actor)
+
+
 def run_case(name: str, workdir: str, users: int, items: int, top_n: int, actors: int,
-             batch_size: int, peak: float, baseline_users: int = 0) -> dict:
+             batch_size: int, peak: float, baseline_users: int = 0, repeats: int = 3,
+             threads: int | None = None) -> dict:
     from ezsasrec_ray.data import load_prepared
     from ezsasrec_ray.model_io import load_model
     from ezsasrec_ray.score import recommend
@@ -287,36 +347,37 @@ def run_case(name: str, workdir: str, users: int, items: int, top_n: int, actors
     if baseline_users:
         result["baseline"] = per_user_baseline(model, data, baseline_users, top_n)
     del model
-    with ProcessMonitor() as memory:
-        manifest = recommend(model_dir, data, top_n=top_n, output=os.path.join(workdir,
-                             f"{name}_scores"), actors=actors, batch_size=batch_size,
-                             overwrite=True, verbose=False)
-    timings = manifest["timings"]
-    flops = flops_per_user(lengths, manifest["counts"]["items_allowed"])
-    # steady: wall time from the first batch's start to the last one's end (all actors);
-    # busy: as if every actor were busy all along (batches_s sums over the actors)
-    steady = users / max(timings["batches_window_s"], 1e-9)
-    busy = users / max(timings["batches_s"] / actors, 1e-9)
-    achieved = steady * flops["total"] / 1e9
-    phases = {}  # inside the actors' batches: ms per 1k users and GFLOP/s of each phase
-    for phase, key in (("encoder", "encoder_s"), ("catalog", "catalog_s")):
-        seconds = timings[key] / actors
-        phases[phase] = {"ms_per_1k": round(1e6 * seconds / users, 1),
-                         "gflops": round(users * flops[phase] / max(seconds, 1e-9) / 1e9, 1)}
+    runs, peaks_rss = [], {}
+    for _ in range(repeats):  # the machine is shared: the median run is reported
+        with ProcessMonitor() as memory:
+            manifest = recommend(model_dir, data, top_n=top_n, output=os.path.join(
+                workdir, f"{name}_scores"), actors=actors, batch_size=batch_size,
+                threads_per_actor=threads, overwrite=True, verbose=False)
+        for pid, rss in memory.peaks.items():
+            peaks_rss[pid] = max(rss, peaks_rss.get(pid, 0))
+        runs.append(_run_figures(manifest, lengths, users, actors, peak))
+        runs[-1]["cpu_during_scoring"] = memory.cpu_share
+    median = sorted(runs, key=lambda r: r["steady_users_per_s"])[len(runs) // 2]
+    result.update(median)
     result.update({
-        "end_to_end_s": timings["score_s"], "end_to_end_users_per_s": timings["users_per_s"],
-        "steady_users_per_s": round(steady, 1), "busy_users_per_s": round(busy, 1),
-        "phases": phases,
-        "actor_peak_rss_mib": sorted(round(v / 2**20) for v in memory.peaks.values()),
-        "flops_per_user_M": {k: round(v / 1e6, 2) for k, v in flops.items()},
-        "achieved_gflops": round(achieved, 1), "roofline_ratio": round(achieved / peak, 3),
+        "runs": [{k: r[k] for k in ("steady_users_per_s", "roofline_ratio",
+                                    "end_to_end_users_per_s")} for r in runs],
+        "actor_peak_rss_mib": sorted(round(v / 2**20) for v in peaks_rss.values()),
         "load_average_after": [round(x, 1) for x in os.getloadavg()],
-        "cpu_during_scoring": memory.cpu_share,
     })
+    threads = threads or os.cpu_count() // actors
+    alone = scorer_alone(model_dir, data_dir, top_n, threads, min(users, 16_384), batch_size,
+                         repeats)
+    rate = sorted(alone)[len(alone) // 2]
+    result["scorer_alone"] = {
+        "users": min(users, 16_384), "threads": threads,
+        "users_per_s": [round(x, 1) for x in alone],
+        "roofline_ratio": round(rate * result["flops_per_user_M"]["total"] / 1e3 / peak, 3)}
     if baseline_users:
-        result["speedup_steady"] = round(steady / result["baseline"]["users_per_s"], 1)
+        result["speedup_steady"] = round(
+            result["steady_users_per_s"] / result["baseline"]["users_per_s"], 1)
         result["speedup_end_to_end"] = round(
-            timings["users_per_s"] / result["baseline"]["users_per_s"], 1)
+            result["end_to_end_users_per_s"] / result["baseline"]["users_per_s"], 1)
         result["baseline"]["users_per_s"] = round(result["baseline"]["users_per_s"], 1)
     shutil.rmtree(os.path.join(workdir, f"{name}_scores"), ignore_errors=True)
     return result
@@ -335,6 +396,10 @@ def main(argv=None) -> int:
     parser.add_argument("--big-items", type=int, default=100_000)
     parser.add_argument("--baseline-users", type=int, default=300)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="scorer threads per actor (default: recommend's, its CPUs)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="scoring runs per case; the median (by steady users/s) is reported")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="users per Ray Data batch (default: recommend's)")
     args = parser.parse_args(argv)
@@ -363,20 +428,30 @@ def main(argv=None) -> int:
             ("a_beauty_size", args.beauty_users, args.beauty_items, 10, args.baseline_users),
             ("b_1M_x_100k_sample", args.big_sample, args.big_items, 100, 0)):
         result = run_case(name, args.workdir, users, items, top_n, args.actors,
-                          args.batch_size, peak, baseline)
+                          args.batch_size, peak, baseline, args.repeats, args.threads)
         results.append(result)
         print(json.dumps(result, indent=None))
     big = results[1]
     extrapolated = args.big_users / big["steady_users_per_s"]
     print("\n== summary (random weights; dim 64, maxlen 50, 2 blocks; "
-          f"{args.actors} actor(s) on {os.cpu_count()} CPUs, batches of {args.batch_size:,})")
+          f"{args.actors} actor(s) on {os.cpu_count()} CPUs, batches of {args.batch_size:,}; "
+          f"median of {args.repeats} runs)")
     print(f"{'case':<28}{'users':>10}{'items':>9}{'top':>5}{'e2e u/s':>10}{'steady u/s':>12}"
-          f"{'MFLOP/u':>9}{'GFLOP/s':>9}{'roofline':>10}{'actor RSS MiB':>15}")
+          f"{'MFLOP/u':>9}{'GFLOP/s':>9}{'roofline':>10}{'max actor RSS MiB':>19}")
     for r in results:
         print(f"{r['case']:<28}{r['users']:>10,}{r['items']:>9,}{r['top_n']:>5}"
               f"{r['end_to_end_users_per_s']:>10,.0f}{r['steady_users_per_s']:>12,.0f}"
               f"{r['flops_per_user_M']['total']:>9.2f}{r['achieved_gflops']:>9.1f}"
-              f"{r['roofline_ratio']:>10.1%}{str(r['actor_peak_rss_mib']):>15}")
+              f"{r['roofline_ratio']:>10.1%}{max(r['actor_peak_rss_mib'], default=0):>19,}")
+    for r in results:
+        ratios = ", ".join(f"{x['roofline_ratio']:.1%}" for x in r["runs"])
+        rates = ", ".join(f"{x['steady_users_per_s']:,.0f}" for x in r["runs"])
+        print(f"{r['case']}: each run's roofline ratio {ratios}; steady users/s {rates}")
+        alone = r["scorer_alone"]
+        print(f"{r['case']}: the same scorer in a plain Ray actor ({alone['threads']} threads, "
+              f"{alone['users']:,} users in memory, no Ray Data): users/s "
+              f"{', '.join(f'{x:,.0f}' for x in alone['users_per_s'])}; median at "
+              f"{alone['roofline_ratio']:.1%} of the peak")
     a = results[0]
     print(f"(a) per-user loop baseline (original ezSASRec style) on {a['baseline']['users']} "
           f"users: {a['baseline']['users_per_s']:.1f} users/s -> speedup {a['speedup_steady']}x "

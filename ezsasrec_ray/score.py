@@ -507,7 +507,7 @@ def _read_sequence_files(batch: dict):
 
 def _sequences_dataset(data, blocks: int = 1, min_rows: int = 1):
     """The prepared sequences as a streaming Ray Dataset of about ``blocks`` blocks (row ranges
-    of the files, at least ``min_rows`` users each).
+    of the files, a multiple of ``min_rows`` users each but for a file's last range).
 
     A block goes to one scoring actor, so an actor pool needs several blocks to run in parallel
     even when the users sit in one file (Ray Data would merge a file's output into one block).
@@ -522,7 +522,9 @@ def _sequences_dataset(data, blocks: int = 1, min_rows: int = 1):
     if not files:
         raise EzSASRecError(f"{data.path}: no sequence files in sequences/")
     counts = [pq.ParquetFile(path).metadata.num_rows for path in files]  # the footers only
-    per_task = max(int(min_rows), -(-sum(counts) // max(1, int(blocks))), 1)
+    min_rows = max(1, int(min_rows))
+    per_task = -(-sum(counts) // max(1, int(blocks)))
+    per_task = -(-per_task // min_rows) * min_rows  # whole batches: no short batch per block
     tasks = [{"path": path, "start": start, "stop": min(count, start + per_task)}
              for path, count in zip(files, counts) for start in range(0, count, per_task)]
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 
 from ezsasrec_ray import recommend, score_pairs
 from ezsasrec_ray.batching import left_pad
@@ -295,6 +296,8 @@ def test_sequences_read_as_row_ranges_so_actors_share_one_file(prepared):
     files = [f for f in os.listdir(prepared.sequences_path) if f.endswith(".parquet")]
     dataset = _sequences_dataset(prepared, blocks=4 * len(files), min_rows=10).materialize()
     assert dataset.num_blocks() >= 4 * len(files)
+    sizes = [table.num_rows for table in ray.get(dataset.to_arrow_refs())]
+    assert sum(size % 10 != 0 for size in sizes) <= len(files)  # whole batches but a file's end
     users = sorted(dataset.to_pandas()["user_index"].tolist())
     assert users == sorted(prepared.sequences(["user_index"])["user_index"].to_pylist())
     # at least min_rows users a block: never more blocks than that allows
