@@ -399,6 +399,7 @@ class BatchScorer:
         self.users = get(users_ref)  # sorted user indices or None
         self.topk = TopK(table, exclude_items=exclude_items, candidates=candidates,
                          chunk_size=chunk_size)
+        self.topk.warm_up()
         self.item_ids = raw_ids_by_index(load_prepared(data_path).items())
         self.top_n, self.holdout, self.split_kind = int(top_n), holdout, split_kind
         self.include_seen = include_seen

@@ -255,10 +255,12 @@ class Recommender:
         return out
 
     def _warm_up(self):
-        """Compile the encoder for every call shape, so first requests are not slow."""
+        """Compile the encoder for every call shape and load the top-k loops, so first
+        requests are not slow."""
         from .score import warm_up
 
         warm_up(self.model)
+        self.topk.warm_up()
 
     # -- resolving raw ids ----------------------------------------------------------------------
 

@@ -336,6 +336,13 @@ class TopK:
                 users[rows], targets[rows], None if histories is None else histories[rows])
         return ranks
 
+    def warm_up(self):
+        """One tiny call, so that the compiled loops (:mod:`topk_kernel`, cached on disk by
+        numba) are loaded now rather than inside the first batch or request. With a zero user
+        vector every item ties, so the exact search path runs too."""
+        self(np.zeros((1, self.table.shape[1]), np.float32), 1,
+             histories=np.zeros((1, 1), np.int64))
+
     # -- internals -----------------------------------------------------------
 
     def _target_ranks_rows(self, users, targets, histories):
@@ -490,13 +497,15 @@ class TopK:
         slack = np.ascontiguousarray(np.broadcast_to(np.asarray(slack, np.float64), (num_rows,)))
         hist = np.zeros((num_rows, 0), np.int64) if histories is None else \
             np.ascontiguousarray(histories, np.int64)
+        nonzero = np.hstack([hist != 0, np.ones((num_rows, 1), bool)])
+        hist_from = nonzero.argmax(axis=1)  # first non-zero column (H for none): skip padding
         rank = self._pilot_rank(keep) if pilot and not exact else 0
         for start, block in self._blocks(users):
             if start == 0 and rank:
-                pilot_keys = self._scan(block, 0, hist, users, False, slack, rank)
+                pilot_keys = self._scan(block, 0, hist, hist_from, users, slack, rank)
                 lo = np.maximum(decode_keys(pilot_keys.min(axis=1))[1], np.float32(-_FLT_MAX))
-            topk_kernel.scan_block(block, start, self.items, hist, users, self.table,
-                                   exact, slack, buf, fill, kth, lo)
+            topk_kernel.scan_block(block, start, self.items, hist, hist_from, users,
+                                   self.table, exact, slack, buf, fill, kth, lo)
         keys = topk_kernel.finish(buf, fill)
         short = np.flatnonzero(fill < keep) if rank else []
         if len(short):
@@ -504,15 +513,16 @@ class TopK:
                                        histories[short], slack[short], exact, pilot=False)
         return keys
 
-    def _scan(self, block, start, hist, users, exact, slack, keep):
-        """The best `keep` keys per row (B, keep) of one block alone (EMPTY_KEY where fewer)."""
+    def _scan(self, block, start, hist, hist_from, users, slack, keep):
+        """The best `keep` fast-score keys per row (B, keep) of one block alone (EMPTY_KEY
+        where fewer)."""
         num_rows = users.shape[0]
         buf = np.empty((num_rows, 2 * keep), np.int64)
         fill = np.zeros(num_rows, np.int64)
         kth = np.full(num_rows, EMPTY_KEY, np.int64)
         lo = np.full(num_rows, -_FLT_MAX, np.float32)
-        topk_kernel.scan_block(block, start, self.items, hist, users, self.table, exact, slack,
-                               buf, fill, kth, lo)
+        topk_kernel.scan_block(block, start, self.items, hist, hist_from, users, self.table,
+                               False, slack, buf, fill, kth, lo)
         return topk_kernel.finish(buf, fill)
 
     def _pilot_rank(self, keep):

@@ -113,13 +113,14 @@ def _threshold(kth_key, slack, scratch_bits, scratch_float):
 
 
 @numba.njit(**_NUMBA)
-def scan_block(block, start, items, histories, users, table, exact, slack,
+def scan_block(block, start, items, histories, history_from, users, table, exact, slack,
                buf, fill, kth, lo):
     """Feed one block of fast scores into the running top `keep` of every user, in place.
 
     block (C, B) float32: fast scores of the items at positions start..start+C of `items`
     (items (n,) int64) for B users; histories (B, H) int64 (0 = none; an empty (B, 0) array
-    for no exclusions): items never kept for that user; users (B, d) and table (N+1, d)
+    for no exclusions): items never kept for that user, read from column history_from[b]
+    ((B,) int64: the first non-zero one, so left padding is skipped); users (B, d) and table (N+1, d)
     float32 for exact scores; exact: keys hold exact scores (else the fast ones) and slack
     (B,) float64 widens the thresholds. State: buf (B, 2 keep) int64 keys, fill (B,) int64
     keys in buf, kth (B,) int64 the keep-th key (EMPTY_KEY until buf has held keep),
@@ -128,7 +129,6 @@ def scan_block(block, start, items, histories, users, table, exact, slack,
     num_items, num_rows = block.shape
     keep = buf.shape[1] // 2
     dim = users.shape[1]
-    history_len = histories.shape[1]
     bits = block.view(np.int32)
     scratch_float = np.empty(1, np.float32)
     scratch_bits = scratch_float.view(np.int32)
@@ -165,7 +165,7 @@ def scan_block(block, start, items, histories, users, table, exact, slack,
                     if key <= kth[b]:
                         continue
                     seen = False
-                    for j in range(history_len):
+                    for j in range(history_from[b], histories.shape[1]):
                         seen |= histories[b, j] == item
                     if seen:
                         continue
