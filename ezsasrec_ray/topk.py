@@ -40,8 +40,8 @@ threshold (the score of the current keep-th best) and touches only the few candi
 the threshold as better items arrive; history items are skipped there. Thresholds start high:
 the items are stored in a fixed random order, so the first chunk is a sample of the catalog and
 a user's r-th best there (r from the sample size, :meth:`TopK._pilot_rank`) is almost surely
-below their k-th best overall; only about 3 k candidates per user then reach the loop's slow
-path, and the rare users with too few items above it are searched again. The exact float64
+below their k-th best overall; only a few times k + 16 candidates per user then reach the
+loop's slow path (3-5 times at 55k-100k items), and the rare users with too few items above it are searched again. The exact float64
 scores above are computed for about k items per user only, so the matmul is most of the time.
 Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
 
