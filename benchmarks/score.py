@@ -300,10 +300,9 @@ def scorer_alone(model_dir: str, data_dir: str, top_n: int, threads: int, users:
     per repeat."""
     import ray
 
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    from ezsasrec_ray.score import SCORER_ENV
 
-    @ray.remote(num_cpus=threads, runtime_env={"env_vars": env})
+    @ray.remote(num_cpus=threads, runtime_env={"env_vars": SCORER_ENV})
     class Alone:
         def __init__(self):
             from ezsasrec_ray.data import load_prepared

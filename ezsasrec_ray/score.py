@@ -77,6 +77,9 @@ _CALL_TOKENS = 2048  # rows x width of one encoder call (rows a power of two in 
 _MIN_CALL_ROWS, _MAX_CALL_ROWS = 32, 512
 _SCORE_ROWS = 512  # users per TopK call: a task of the actor's thread pool
 _READ_ROWS = 65536  # users per block read from the sequence files
+# Environment of a scoring actor: the scorer's threads run one BLAS call each (BatchScorer).
+SCORER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,9 +661,7 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
     if source.path is None:  # a loaded model: ship its weights
         source = _model_source(model, ray_put=ray.put)
     threads = int(threads_per_actor or _cluster_threads(actors, cpus_per_actor))
-    # The scorer's threads run one BLAS call each (see BatchScorer).
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = dict(SCORER_ENV)
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if output is not None \
@@ -874,5 +875,5 @@ def score_pairs(model, data, user_ids, item_ids, *, holdout: str | None = None):
                         columns=pd.Index(item_raw, name="item_id"))
 
 
-__all__ = ["BatchScorer", "FAULT_ENV", "bucket_widths", "format_summary", "lookup_ids",
+__all__ = ["BatchScorer", "FAULT_ENV", "SCORER_ENV", "bucket_widths", "format_summary", "lookup_ids",
            "model_info", "read_id_file", "recommend", "score_pairs", "user_vectors", "warm_up"]

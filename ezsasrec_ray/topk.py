@@ -490,10 +490,7 @@ class TopK:
         items at or above it (about 1%) are searched again without the pilot.
         """
         num_rows = users.shape[0]
-        buf = np.empty((num_rows, 2 * keep), np.int64)  # running top keep, room for as many
-        fill = np.zeros(num_rows, np.int64)
-        kth = np.full(num_rows, EMPTY_KEY, np.int64)
-        lo = np.full(num_rows, -_FLT_MAX, np.float32)
+        buf, fill, kth, lo = topk_kernel.new_state(num_rows, keep)
         slack = np.ascontiguousarray(np.broadcast_to(np.asarray(slack, np.float64), (num_rows,)))
         hist = np.zeros((num_rows, 0), np.int64) if histories is None else \
             np.ascontiguousarray(histories, np.int64)
@@ -516,11 +513,7 @@ class TopK:
     def _scan(self, block, start, hist, hist_from, users, slack, keep):
         """The best `keep` fast-score keys per row (B, keep) of one block alone (EMPTY_KEY
         where fewer)."""
-        num_rows = users.shape[0]
-        buf = np.empty((num_rows, 2 * keep), np.int64)
-        fill = np.zeros(num_rows, np.int64)
-        kth = np.full(num_rows, EMPTY_KEY, np.int64)
-        lo = np.full(num_rows, -_FLT_MAX, np.float32)
+        buf, fill, kth, lo = topk_kernel.new_state(users.shape[0], keep)
         topk_kernel.scan_block(block, start, self.items, hist, hist_from, users, self.table,
                                False, slack, buf, fill, kth, lo)
         return topk_kernel.finish(buf, fill)

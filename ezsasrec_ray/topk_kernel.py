@@ -112,6 +112,13 @@ def _threshold(kth_key, slack, scratch_bits, scratch_float):
     return max(y, np.float32(-_FLT_MAX))
 
 
+def new_state(num_rows, keep):
+    """The running top `keep` of `num_rows` users, empty, as :func:`scan_block` takes it:
+    buf (B, 2 keep) int64, fill (B,) int64, kth (B,) int64, lo (B,) float32."""
+    return (np.empty((num_rows, 2 * keep), np.int64), np.zeros(num_rows, np.int64),
+            np.full(num_rows, EMPTY_KEY, np.int64), np.full(num_rows, -_FLT_MAX, np.float32))
+
+
 @numba.njit(**_NUMBA)
 def scan_block(block, start, items, histories, history_from, users, table, exact, slack,
                buf, fill, kth, lo):
