@@ -10,17 +10,19 @@ directly with numpy, history lengths Beauty-like: at least 5, mean about 8.8, up
 Model: dim 64, maxlen 50, 2 blocks, 1 head. For each case: end-to-end users/s (with actor
 start-up), steady users/s (from the start of the first batch to the end of the last one),
 peak RSS of each scoring actor (and of the driver); the dense float32 matmul peak of this
-machine measured with numpy in the same run; the FLOPs each user costs (history encoder at
-the width actually used + catalog scoring) and the achieved rate: the roofline ratio; the
-encoder / catalog split measured inside the actor's batches (ms per 1k users and GFLOP/s of
-each); the CPU time other processes took on this shared machine meanwhile. Each case is scored
+machine measured with numpy and TensorFlow in the same run (the higher is used); the FLOPs
+each user costs (history encoder at the width actually used + catalog scoring) and the
+achieved rate: the roofline ratio; the encoder / catalog split inside the actor's batches (CPU
+ms per 1k users and GFLOP/s per core of each, from the CPU time of the scorer's threads); the
+CPU time other processes took on this shared machine meanwhile. Each case is scored
 ``--repeats`` times (default 3) with the same data and model, and the run with the median
 steady rate is reported, with every run's rate and ratio (runs on this shared 2-core machine
-vary by about 10%). The baseline is a per-user loop in the style of the original ezSASRec (one user at a time through the model, the full catalog scored,
-a full argsort) on a subset of (a), timed in the same run, so the speedup is a measured ratio;
-the original's own rate (11 users/s on Beauty, measured while planning) is quoted too.
-The benchmark's Ray workers run at normal priority (``RAY_worker_niceness=0``; Ray's default
-is nice 15), like the baseline in the driver.
+vary by about 10%). The baseline is a per-user loop in the style of the original ezSASRec
+(one user at a time through the model, the full catalog scored, a full argsort) on a subset of
+(a), timed in the same run, so the speedup is a measured ratio; the original's own rate (11
+users/s on Beauty, measured while planning) is quoted too. The benchmark's Ray workers run at
+normal priority (``RAY_worker_niceness=0``; Ray's default is nice 15), like the baseline in
+the driver.
 
 Usage::
 
@@ -138,23 +140,37 @@ def write_model(path: str, data, seed: int = 0) -> str:
 # Measurements
 
 
+def _best_gflops(run, flops: float, seconds: float) -> float:
+    """Best GFLOP/s of ``run()`` (one matmul of ``flops``) over ``seconds`` of repeats."""
+    run()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        run()
+        best = max(best, flops / (time.perf_counter() - t) / 1e9)
+    return round(best, 1)
+
+
 def matmul_peak(seconds: float = 2.0) -> dict:
-    """Dense float32 matmul GFLOP/s with numpy (best of repeated runs, all cores), for two
-    shapes: a large square one and TopK's catalog block (2048 items x 64 dims x 512 users)."""
+    """Dense float32 matmul GFLOP/s (best of repeated runs, all cores) with both frameworks the
+    scorer uses: numpy (the catalog's matmuls) for a large square shape and TopK's catalog
+    block (2048 items x 64 dims x 512 users), and TensorFlow (the encoder) for the square one.
+    The roofline uses the highest."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
     out = {}
-    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048),
-                            "scoring_2048x64x512": (2048, 64, 512)}.items():
+    for name, (m, k, n) in {"numpy_square_2048": (2048, 2048, 2048),
+                            "numpy_scoring_2048x64x512": (2048, 64, 512)}.items():
         a = rng.standard_normal((m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
         c = np.empty((m, n), np.float32)
-        np.matmul(a, b, out=c)
-        best, end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t = time.perf_counter()
-            np.matmul(a, b, out=c)
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
-        out[name] = round(best, 1)
+        out[name] = _best_gflops(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), 2 * m * k * n,
+                                 seconds)
+    a = tf.constant(rng.standard_normal((2048, 2048)).astype(np.float32))
+    product = tf.function(tf.matmul)
+    out["tensorflow_square_2048"] = _best_gflops(lambda: product(a, a).numpy(), 2 * 2048**3,
+                                                 seconds)
     return out
 
 
@@ -279,11 +295,12 @@ def _run_figures(manifest: dict, lengths: np.ndarray, users: int, actors: int,
     steady = users / max(timings["batches_window_s"], 1e-9)
     busy = users / max(timings["batches_s"] / actors, 1e-9)
     achieved = steady * flops["total"] / 1e9
-    phases = {}  # inside the actors' batches: ms per 1k users and GFLOP/s of each phase
-    for phase, key in (("encoder", "encoder_s"), ("catalog", "catalog_s")):
-        seconds = timings[key] / actors
-        phases[phase] = {"ms_per_1k": round(1e6 * seconds / users, 1),
-                         "gflops": round(users * flops[phase] / max(seconds, 1e-9) / 1e9, 1)}
+    phases = {}  # CPU ms per 1k users and GFLOP/s per core of each phase (scorer threads)
+    for phase, key in (("encoder", "encoder_cpu_s"), ("catalog", "catalog_cpu_s")):
+        seconds = timings[key]
+        phases[phase] = {"cpu_ms_per_1k": round(1e6 * seconds / users, 1),
+                         "gflops_per_core": round(users * flops[phase] / max(seconds, 1e-9) / 1e9,
+                                                  1)}
     return {
         "end_to_end_s": timings["score_s"], "end_to_end_users_per_s": timings["users_per_s"],
         "steady_users_per_s": round(steady, 1), "busy_users_per_s": round(busy, 1),
@@ -416,8 +433,8 @@ def main(argv=None) -> int:
           f"numpy {np.__version__}, Ray worker niceness {os.environ['RAY_worker_niceness']}")
     peaks = matmul_peak()
     peak = max(peaks.values())
-    print(f"numpy float32 matmul peak (GFLOP/s, best of 2 s each): {peaks}; roofline uses "
-          f"{peak}")
+    print(f"float32 matmul peak (GFLOP/s, best of 2 s each): {peaks}; roofline uses the "
+          f"highest, {peak}")
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     import ray.data
 
@@ -462,8 +479,8 @@ def main(argv=None) -> int:
           f"Beauty, measured while planning): {a['steady_users_per_s'] / ORIGINAL_USERS_PER_S:,.0f}x"
           f" steady, {a['end_to_end_users_per_s'] / ORIGINAL_USERS_PER_S:,.0f}x end to end")
     for r in results:
-        print(f"{r['case']}: inside the actor's batches, ms per 1k users and GFLOP/s: "
-              f"{r['phases']}")
+        print(f"{r['case']}: the scorer threads' CPU ms per 1k users and GFLOP/s per core, by "
+              f"phase: {r['phases']}")
     for r in results:
         c = r["cpu_during_scoring"]
         print(f"{r['case']}: while scoring ({c['seconds']} s), this benchmark used "

@@ -249,7 +249,8 @@ class SASRec(keras.Model):
             raise ValueError(f"histories must be 2-D (batch, width), got shape {h.shape}")
         if h.shape[1] == 0:
             raise ValueError("histories must have at least one column")
-        h = h[:, -self.config.maxlen:]  # (B, min(W, maxlen))
+        if h.shape[1] is None or h.shape[1] > self.config.maxlen:
+            h = h[:, -self.config.maxlen:]  # (B, min(W, maxlen)); an eager op, so only if needed
         if training:
             return self.sequence_embeddings(h, training=True, last_only=True)[:, -1, :]
         if jit_compile:

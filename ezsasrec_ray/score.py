@@ -14,11 +14,13 @@ The shape of a run::
 Per batch (:class:`BatchScorer`): the histories (whole sequences, or everything before the
 test target with ``holdout="test"``) go through :func:`user_vectors` (the model's
 ``user_embeddings``), then :class:`.topk.TopK` scores the catalog in item chunks with a running
-top-k merge: memory per actor is O(threads x 512 x chunk + batch x k), never
+top-k merge: memory per actor is O(threads x 512 x chunk + 2 x batch x k), never
 O(batch x catalog). An actor with several CPUs runs a batch's encoder calls, then its TopK row
 slices, on that many threads, one call per thread with one thread per TF op and per BLAS call
 (at dim 64 the ops are too small to split well over threads, and this way the numpy steps
-between the matmuls run in parallel too). The user's
+between the matmuls run in parallel too). Such an actor scores two batches at once
+(:data:`BATCHES_PER_ACTOR`, one shared thread pool), so its threads do not wait at the end of
+each batch for the last slice. The user's
 own history is excluded unless ``include_seen``; item 0 (padding) is never returned; indices
 map back to raw ids. Each output row is ``user_id, item_ids (list), scores (list)``, sorted by
 score descending, ties broken by the smaller item index. A user with fewer than N allowed items
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -76,6 +79,10 @@ _MIN_WIDTH = 8  # narrowest history bucket
 _CALL_TOKENS = 2048  # rows x width of one encoder call (rows a power of two in 32..512)
 _MIN_CALL_ROWS, _MAX_CALL_ROWS = 32, 512
 _SCORE_ROWS = 512  # users per TopK call: a task of the actor's thread pool
+# Batches an actor scores at once. Two: while one batch's last TopK slices finish, the
+# scorer's idle threads start on the next batch's encoder calls (one shared thread pool, first
+# in, first out), instead of waiting at the end of every batch.
+BATCHES_PER_ACTOR = 2
 _READ_ROWS = 65536  # users per block read from the sequence files
 # Environment of a scoring actor: the scorer's threads run one BLAS call each (BatchScorer).
 SCORER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -366,6 +373,25 @@ def _maybe_crash():
 # The per-batch scorer (a Ray Data callable class; also usable locally)
 
 
+class _CPUTimed:
+    """An executor's ``map`` (or the builtin one, for ``pool=None``) that adds the CPU seconds
+    of each task, in the thread that runs it, to ``spent`` (a list): what a phase of a batch
+    costs, even while the actor's other batch shares the threads."""
+
+    def __init__(self, pool, spent: list):
+        self.pool, self.spent = pool, spent
+
+    def map(self, fn, items):
+        def timed(item):
+            start = time.thread_time()
+            try:
+                return fn(item)
+            finally:
+                self.spent.append(time.thread_time() - start)
+
+        return (self.pool.map if self.pool is not None else map)(timed, items)
+
+
 class BatchScorer:
     """Sequences batch (pyarrow) -> one row per user: ``user_id, item_ids, scores``.
 
@@ -374,7 +400,9 @@ class BatchScorer:
     a batch's encoder calls, then its TopK row slices, run on a pool of that many threads, one
     call per thread (TF runs each op on one thread; set BLAS to one thread per process, as
     :func:`recommend` does for its actors). The slices are small (_SCORE_ROWS users) and taken
-    from a queue, so a thread that the OS leaves waiting holds up the others little.
+    from a queue, so a thread that the OS leaves waiting holds up the others little. Calls
+    may overlap (:data:`BATCHES_PER_ACTOR`): they share the thread pool, and only read the
+    model and the TopK index.
     """
 
     def __init__(self, *, model_config: dict | None = None, model_path: str | None = None,
@@ -408,6 +436,7 @@ class BatchScorer:
         self.include_seen = include_seen
         self.list_encoding = list_encoding
         self.stats = stats
+        self.actor = f"{os.uname().nodename}:{os.getpid()}"  # whose batch windows (busy time)
         self._last_record = None  # the last batch record sent to the stats actor
 
     def histories(self, batch: pa.Table) -> tuple[pa.Table, pa.ListArray]:
@@ -442,7 +471,7 @@ class BatchScorer:
             self._last_record = self.stats.record.remote(first, {
                 "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
                 "seconds": time.perf_counter() - started, **phases,
-                "window": (wall_started, time.time())})
+                "window": (wall_started, time.time()), "actor": self.actor})
         if self.list_encoding == "json":
             result = pa.table({
                 "user_id": result["user_id"],
@@ -454,16 +483,16 @@ class BatchScorer:
     def score(self, user_ids: pa.Array, histories: pa.ListArray, *,
               timings: dict | None = None) -> pa.Table:
         """user ids (B,), histories (B lists of item indices) -> the output table.
-        ``timings`` (a dict), if given, gets the seconds spent in the encoder and the catalog."""
+        ``timings`` (a dict), if given, gets the CPU seconds the scorer's threads spent in the
+        encoder and in the catalog (``encoder_cpu_s``, ``catalog_cpu_s``; host CPU only)."""
         from .batching import left_pad
 
         n = len(histories)
         idx = np.zeros((n, self.top_n), np.int32)
         sc = np.zeros((n, self.top_n), np.float32)
         lengths = pc.list_value_length(histories).fill_null(0).to_numpy()
-        started = time.perf_counter()
-        vecs = user_vectors(self.model, histories, executor=self.pool)
-        encoded = time.perf_counter()
+        encoder_cpu, catalog_cpu = [], []
+        vecs = user_vectors(self.model, histories, executor=_CPUTimed(self.pool, encoder_cpu))
 
         def top(start):
             stop = min(n, start + _SCORE_ROWS)
@@ -474,10 +503,10 @@ class BatchScorer:
             idx[start:stop], sc[start:stop] = self.topk(vecs[start:stop], self.top_n,
                                                         histories=seen)
 
-        for _ in (self.pool.map if self.pool else map)(top, range(0, n, _SCORE_ROWS)):
+        for _ in _CPUTimed(self.pool, catalog_cpu).map(top, range(0, n, _SCORE_ROWS)):
             pass
         if timings is not None:
-            timings.update(encoder_s=encoded - started, catalog_s=time.perf_counter() - encoded)
+            timings.update(encoder_cpu_s=sum(encoder_cpu), catalog_cpu_s=sum(catalog_cpu))
         valid = idx > 0  # padding (fewer allowed items than top_n) is never returned
         offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
         items = self.item_ids.take(pa.array(idx[valid].astype(np.int64) - 1))
@@ -511,7 +540,8 @@ def _read_sequence_files(batch: dict):
 
 def _sequences_dataset(data, blocks: int = 1, min_rows: int = 1):
     """The prepared sequences as a streaming Ray Dataset of about ``blocks`` blocks (row ranges
-    of the files, a multiple of ``min_rows`` users each but for a file's last range).
+    of the files, a multiple of ``min_rows`` users each but for a file's last range, of equal
+    sizes within a file to one batch).
 
     A block goes to one scoring actor, so an actor pool needs several blocks to run in parallel
     even when the users sit in one file (Ray Data would merge a file's output into one block).
@@ -526,13 +556,27 @@ def _sequences_dataset(data, blocks: int = 1, min_rows: int = 1):
     if not files:
         raise EzSASRecError(f"{data.path}: no sequence files in sequences/")
     counts = [pq.ParquetFile(path).metadata.num_rows for path in files]  # the footers only
-    min_rows = max(1, int(min_rows))
-    per_task = -(-sum(counts) // max(1, int(blocks)))
-    per_task = -(-per_task // min_rows) * min_rows  # whole batches: no short batch per block
-    tasks = [{"path": path, "start": start, "stop": min(count, start + per_task)}
-             for path, count in zip(files, counts) for start in range(0, count, per_task)]
+    tasks = [{"path": files[f], "start": start, "stop": stop}
+             for f, start, stop in _row_ranges(counts, blocks, min_rows)]
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         _read_sequence_files, batch_size=1, batch_format="numpy", num_cpus=0)
+
+
+def _row_ranges(counts: list[int], blocks: int, min_rows: int) -> list[tuple[int, int, int]]:
+    """Files of ``counts`` rows -> about ``blocks`` row ranges ``(file, start, stop)``: whole
+    batches of ``min_rows`` (but a file's last range), each file's batches shared evenly among
+    its ranges (3, 3, 2, 2 batches rather than 3, 3, 3, 1), so the actors' last blocks end
+    together."""
+    min_rows = max(1, int(min_rows))
+    batches = [-(-count // min_rows) for count in counts]
+    per_range = max(1, -(-sum(batches) // max(1, int(blocks))))  # at most, in batches
+    ranges = []
+    for f, (count, file_batches) in enumerate(zip(counts, batches)):
+        parts = -(-file_batches // per_range)
+        sizes = [file_batches // parts + (i < file_batches % parts) for i in range(parts)]
+        edges = [min(count, min_rows * n) for n in itertools.accumulate(sizes, initial=0)]
+        ranges += [(f, a, b) for a, b in zip(edges, edges[1:])]
+    return ranges
 
 
 def _expected_users(data, users: np.ndarray | None, holdout: str | None) -> tuple[int, int]:
@@ -561,6 +605,21 @@ def _batch_records(stats, expected: int, timeout_s: float = 30.0) -> dict:
         if sum(b["rows"] for b in batches.values()) >= expected or time.time() > deadline:
             return batches
         time.sleep(0.05)
+
+
+def _busy_seconds(records) -> float:
+    """Seconds each actor had at least one batch in progress (its batches may overlap),
+    summed over actors: the union of each actor's batch windows."""
+    by_actor: dict = {}
+    for record in records:
+        by_actor.setdefault(record.get("actor"), []).append(record["window"])
+    total = 0.0
+    for windows in by_actor.values():
+        end = -math.inf
+        for start, stop in sorted(windows):
+            total += max(0.0, stop - max(start, end))
+            end = max(end, stop)
+    return total
 
 
 def _count_rows(directory: str, fmt: str) -> int:
@@ -683,7 +742,9 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
         # a few blocks per actor (each of at least one batch), so every actor gets work
         dataset = _sequences_dataset(data, blocks=4 * actors, min_rows=batch_size).map_batches(
             BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
+                size=actors, max_concurrent_calls_per_actor=BATCHES_PER_ACTOR if threads > 1
+                else 1, enable_true_multi_threading=True),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
             runtime_env={"env_vars": env}, max_restarts=-1, max_task_retries=-1)
     if output is None:
@@ -722,9 +783,9 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
         batches = _batch_records(stats, expected)
         written = _count_rows(results, format)
         scored = sum(b["rows"] for b in batches.values())
-        busy_s = sum(b["seconds"] for b in batches.values())
+        busy_s = _busy_seconds(batches.values())
         phase_s = {k: sum(b.get(k, 0.0) for b in batches.values())
-                   for k in ("encoder_s", "catalog_s")}
+                   for k in ("encoder_cpu_s", "catalog_cpu_s")}
         windows = [b["window"] for b in batches.values()] or [(0.0, 0.0)]
         window_s = max(w[1] for w in windows) - min(w[0] for w in windows)
         if written != expected or scored != expected:
@@ -762,9 +823,11 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
             "counts": counts,
             "timings": {"score_s": round(score_s, 3), "total_s": round(total_s, 3),
                         "users_per_s": round(written / max(score_s, 1e-9), 1),
-                        # time inside the scorer's batches, summed over actors (no start-up)
+                        # time each actor had a batch in progress, summed over actors (no
+                        # start-up)
                         "batches_s": round(busy_s, 3),
-                        # of which the encoder and the catalog top-k (summed over actors)
+                        # CPU seconds of the scorers' threads in the encoder and the catalog
+                        # top-k (summed over threads and actors)
                         **{k: round(v, 3) for k, v in phase_s.items()},
                         "users_per_actor_s": round(written / max(busy_s, 1e-9), 1),
                         # from the start of the first batch to the end of the last one

@@ -37,11 +37,13 @@ each (chunk, users) score block is one float32 matmul ``item_vectors @ users.T``
 BLAS runs this shape near its peak when d is small), read once while it is still in cache by a
 compiled loop (:mod:`ezsasrec_ray.topk_kernel`) that compares it with each user's running
 threshold (the score of the current keep-th best) and touches only the few candidates, raising
-the threshold as better items arrive; history items are skipped there. Thresholds start high:
+the threshold as better items arrive (a user's history items are set to -inf in the block
+first, a few scattered writes, so the loop never meets them). Thresholds start high:
 the items are stored in a fixed random order, so the first chunk is a sample of the catalog and
 a user's r-th best there (r from the sample size, :meth:`TopK._pilot_rank`) is almost surely
 below their k-th best overall; only a few times k + 16 candidates per user then reach the
-loop's slow path (3-5 times at 55k-100k items), and the rare users with too few items above it are searched again. The exact float64
+loop's slow path (3-5 times at 55k-100k items), and the rare users with too few items above
+it are searched again. The exact float64
 scores above are computed for about k items per user only, so the matmul is most of the time.
 Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
 
@@ -492,17 +494,13 @@ class TopK:
         num_rows = users.shape[0]
         buf, fill, kth, lo = topk_kernel.new_state(num_rows, keep)
         slack = np.ascontiguousarray(np.broadcast_to(np.asarray(slack, np.float64), (num_rows,)))
-        hist = np.zeros((num_rows, 0), np.int64) if histories is None else \
-            np.ascontiguousarray(histories, np.int64)
-        nonzero = np.hstack([hist != 0, np.ones((num_rows, 1), bool)])
-        hist_from = nonzero.argmax(axis=1)  # first non-zero column (H for none): skip padding
         rank = self._pilot_rank(keep) if pilot and not exact else 0
-        for start, block in self._blocks(users):
+        for start, block in self._blocks(users, histories):  # history scores are -inf
             if start == 0 and rank:
-                pilot_keys = self._scan(block, 0, hist, hist_from, users, slack, rank)
+                pilot_keys = self._scan(block, 0, users, slack, rank)
                 lo = np.maximum(decode_keys(pilot_keys.min(axis=1))[1], np.float32(-_FLT_MAX))
-            topk_kernel.scan_block(block, start, self.items, hist, hist_from, users,
-                                   self.table, exact, slack, buf, fill, kth, lo)
+            topk_kernel.scan_block(block, start, self.items, users, self.table, exact, slack,
+                                   buf, fill, kth, lo)
         keys = topk_kernel.finish(buf, fill)
         short = np.flatnonzero(fill < keep) if rank else []
         if len(short):
@@ -510,12 +508,12 @@ class TopK:
                                        histories[short], slack[short], exact, pilot=False)
         return keys
 
-    def _scan(self, block, start, hist, hist_from, users, slack, keep):
+    def _scan(self, block, start, users, slack, keep):
         """The best `keep` fast-score keys per row (B, keep) of one block alone (EMPTY_KEY
         where fewer)."""
         buf, fill, kth, lo = topk_kernel.new_state(users.shape[0], keep)
-        topk_kernel.scan_block(block, start, self.items, hist, hist_from, users, self.table,
-                               False, slack, buf, fill, kth, lo)
+        topk_kernel.scan_block(block, start, self.items, users, self.table, False, slack,
+                               buf, fill, kth, lo)
         return topk_kernel.finish(buf, fill)
 
     def _pilot_rank(self, keep):

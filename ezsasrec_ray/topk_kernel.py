@@ -77,10 +77,11 @@ def _select(row, count, keep):
         pivot = row[p]
         row[p], row[hi] = row[hi], row[p]
         store = lo
-        for i in range(lo, hi):
-            if row[i] > pivot:
-                row[store], row[i] = row[i], row[store]
-                store += 1
+        for i in range(lo, hi):  # branch-free: whether row[i] > pivot is unpredictable
+            v = row[i]
+            row[i] = row[store]
+            row[store] = v
+            store += v > pivot
         row[store], row[hi] = row[hi], row[store]
         if store == target:
             break
@@ -120,18 +121,16 @@ def new_state(num_rows, keep):
 
 
 @numba.njit(**_NUMBA)
-def scan_block(block, start, items, histories, history_from, users, table, exact, slack,
-               buf, fill, kth, lo):
+def scan_block(block, start, items, users, table, exact, slack, buf, fill, kth, lo):
     """Feed one block of fast scores into the running top `keep` of every user, in place.
 
     block (C, B) float32: fast scores of the items at positions start..start+C of `items`
-    (items (n,) int64) for B users; histories (B, H) int64 (0 = none; an empty (B, 0) array
-    for no exclusions): items never kept for that user, read from column history_from[b]
-    ((B,) int64: the first non-zero one, so left padding is skipped); users (B, d) and table (N+1, d)
+    (items (n,) int64) for B users, -inf for items a user must never get (its history: set
+    by the caller, so this loop need not look them up); users (B, d) and table (N+1, d)
     float32 for exact scores; exact: keys hold exact scores (else the fast ones) and slack
     (B,) float64 widens the thresholds. State: buf (B, 2 keep) int64 keys, fill (B,) int64
     keys in buf, kth (B,) int64 the keep-th key (EMPTY_KEY until buf has held keep),
-    lo (B,) float32 the fast-score threshold.
+    lo (B,) float32 the fast-score threshold (> -inf, so -inf scores never pass).
     """
     num_items, num_rows = block.shape
     keep = buf.shape[1] // 2
@@ -170,11 +169,6 @@ def scan_block(block, start, items, histories, history_from, users, table, exact
                     else:
                         key = _key(bits[c, b], item)
                     if key <= kth[b]:
-                        continue
-                    seen = False
-                    for j in range(history_from[b], histories.shape[1]):
-                        seen |= histories[b, j] == item
-                    if seen:
                         continue
                     n = fill[b]
                     buf[b, n] = key

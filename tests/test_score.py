@@ -303,3 +303,34 @@ def test_sequences_read_as_row_ranges_so_actors_share_one_file(prepared):
     # at least min_rows users a block: never more blocks than that allows
     few = _sequences_dataset(prepared, blocks=1000, min_rows=100).materialize()
     assert few.num_blocks() <= len(files) + prepared.num_users // 100
+
+
+def test_row_ranges_share_each_file_in_even_whole_batches():
+    from ezsasrec_ray.score import _row_ranges
+
+    # 10 batches of 4096 (the last short) in 4 ranges: 3, 3, 2, 2 batches, not 3, 3, 3, 1
+    assert _row_ranges([40_226], 4, 4096) == [(0, 0, 12288), (0, 12288, 24576),
+                                              (0, 24576, 32768), (0, 32768, 40226)]
+    ranges = _row_ranges([5, 0, 7, 1], 8, 2)
+    assert [r for r in ranges if r[0] == 0] == [(0, 0, 2), (0, 2, 4), (0, 4, 5)]
+    assert not [r for r in ranges if r[0] == 1]  # an empty file: no range
+    assert [r for r in ranges if r[0] == 3] == [(3, 0, 1)]
+    for counts, blocks, rows in (([1000], 7, 30), ([999, 5, 64], 16, 8), ([1], 3, 10)):
+        ranges = _row_ranges(counts, blocks, rows)
+        for f, count in enumerate(counts):
+            mine = [(a, b) for g, a, b in ranges if g == f]
+            assert mine[0][0] == 0 and mine[-1][1] == count  # contiguous, complete
+            assert all(b == c for (_, b), (c, _) in zip(mine, mine[1:]))
+            assert all(a % rows == 0 for a, _ in mine)  # whole batches
+            whole = [-(-(b - a) // rows) for a, b in mine]
+            assert max(whole) - min(whole) <= 1  # even
+
+
+def test_busy_seconds_is_the_union_of_each_actors_batch_windows():
+    from ezsasrec_ray.score import _busy_seconds
+
+    records = [{"actor": "a", "window": (0.0, 2.0)}, {"actor": "a", "window": (1.0, 3.0)},
+               {"actor": "a", "window": (5.0, 6.0)}, {"actor": "b", "window": (0.5, 1.5)},
+               {"actor": "b", "window": (0.7, 1.0)}]
+    assert _busy_seconds(records) == pytest.approx(3.0 + 1.0 + 1.0)
+    assert _busy_seconds([]) == 0.0
