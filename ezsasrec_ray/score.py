@@ -437,7 +437,6 @@ class BatchScorer:
         self.list_encoding = list_encoding
         self.stats = stats
         self.actor = f"{os.uname().nodename}:{os.getpid()}"  # whose batch windows (busy time)
-        self._last_record = None  # the last batch record sent to the stats actor
 
     def histories(self, batch: pa.Table) -> tuple[pa.Table, pa.ListArray]:
         """The users kept and the history each is scored on (time order)."""
@@ -468,7 +467,7 @@ class BatchScorer:
             # answer, time the scorer's threads would sit idle. recommend() waits for every
             # batch's record before it checks the counts.
             lengths = pc.list_value_length(result["item_ids"]).to_numpy()
-            self._last_record = self.stats.record.remote(first, {
+            self.stats.record.remote(first, {
                 "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
                 "seconds": time.perf_counter() - started, **phases,
                 "window": (wall_started, time.time()), "actor": self.actor})

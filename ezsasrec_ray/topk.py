@@ -43,8 +43,8 @@ the items are stored in a fixed random order, so the first chunk is a sample of 
 a user's r-th best there (r from the sample size, :meth:`TopK._pilot_rank`) is almost surely
 below their k-th best overall; only a few times k + 16 candidates per user then reach the
 loop's slow path (3-5 times at 55k-100k items), and the rare users with too few items above
-it are searched again. The exact float64
-scores above are computed for about k items per user only, so the matmul is most of the time.
+it are searched again. The exact float64 scores above are computed for about k items per user
+only, so the matmul is most of the time.
 Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
 
 Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
@@ -76,9 +76,9 @@ __all__ = [
 EMPTY_KEY = topk_kernel.EMPTY_KEY  # "no item" (the int64 minimum): index 0, score -inf
 DEFAULT_CHUNK_SIZE = 2048  # items per (chunk x 512 users) score block: 4 MiB, in cache
 
-_MAX_INDEX = 0x7FFFFFFF  # 2**31 - 1: largest item index a key can hold
+_MAX_INDEX = topk_kernel._MAX_INDEX  # 2**31 - 1: largest item index a key can hold
 _LOW_32 = 0xFFFFFFFF
-_FLT_MAX = float(np.finfo(np.float32).max)
+_FLT_MAX = topk_kernel._FLT_MAX
 _EXTRA = 16  # the fast pass keeps k + _EXTRA items per row, so near-ties at the k-th survive
 _MIN_FIRST_CHUNK = 128  # top_k_from_scores starts with chunks of max(k, this)
 _PILOT_MISS = 0.01  # rows whose pilot threshold may be too high, searched again
