@@ -74,7 +74,7 @@ class PeakRSS:
 def run_ray(src: str, out: str) -> dict:
     import ray
 
-    from ezsasrec_ray.data import prepare
+    from ezsasrec_ray.prepare import prepare
 
     ray.init(include_dashboard=False, log_to_driver=False)
     import ray.data

@@ -187,7 +187,7 @@ def encoder_flops(width: int, dim: int = DIM, blocks: int = BLOCKS) -> float:
 
 
 def flops_per_user(lengths: np.ndarray, items_allowed: int) -> dict:
-    from ezsasrec_ray.score import bucket_widths
+    from ezsasrec_ray.encoder import bucket_widths
 
     widths = bucket_widths(MAXLEN)
     used = widths[np.searchsorted(widths, np.clip(lengths, 1, MAXLEN))]
@@ -317,12 +317,12 @@ def scorer_alone(model_dir: str, data_dir: str, top_n: int, threads: int, users:
     per repeat."""
     import ray
 
-    from ezsasrec_ray.score import SCORER_ENV
+    from ezsasrec_ray.runtime import SCORER_ENV
 
     @ray.remote(num_cpus=threads, runtime_env={"env_vars": SCORER_ENV})
     class Alone:
         def __init__(self):
-            from ezsasrec_ray.data import load_prepared
+            from ezsasrec_ray.dataset import load_prepared
             from ezsasrec_ray.score import BatchScorer
 
             self.scorer = BatchScorer(model_path=model_dir, data_path=data_dir, top_n=top_n,
@@ -346,7 +346,7 @@ def scorer_alone(model_dir: str, data_dir: str, top_n: int, threads: int, users:
 def run_case(name: str, workdir: str, users: int, items: int, top_n: int, actors: int,
              batch_size: int, peak: float, baseline_users: int = 0, repeats: int = 3,
              threads: int | None = None) -> dict:
-    from ezsasrec_ray.data import load_prepared
+    from ezsasrec_ray.dataset import load_prepared
     from ezsasrec_ray.model_io import load_model
     from ezsasrec_ray.score import recommend
 

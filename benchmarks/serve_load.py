@@ -128,7 +128,7 @@ def main():
     from ray import serve
     from score import write_model  # the score benchmark's random model of the same shape
 
-    from ezsasrec_ray.data import load_prepared
+    from ezsasrec_ray.dataset import load_prepared
     from ezsasrec_ray.serve import Recommender, ServeConfig, build_app
 
     data_path = prepared_dataset(args.workdir)

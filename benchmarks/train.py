@@ -38,7 +38,7 @@ MOVIELENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"
 
 def prepared_movielens(workdir: str) -> str:
     """ml-latest-small, every rating an interaction in time order, 5-core users (610 x 9,7xx)."""
-    from ezsasrec_ray.data import prepare
+    from ezsasrec_ray.prepare import prepare
 
     out = os.path.join(workdir, "ml_latest_small_prepared")
     if not os.path.exists(out):
@@ -48,7 +48,7 @@ def prepared_movielens(workdir: str) -> str:
 
 
 def prepared_beauty(workdir: str) -> str:
-    from ezsasrec_ray.data import prepare
+    from ezsasrec_ray.prepare import prepare
 
     out = os.path.join(workdir, "beauty_prepared")
     if not os.path.exists(out):

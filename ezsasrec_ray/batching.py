@@ -103,3 +103,17 @@ def left_pad(sequences, width: int) -> np.ndarray:
     values, starts, lengths = _ragged(sequences)
     counts = np.minimum(lengths, width)
     return _gather_right_aligned(values, starts + lengths - counts, counts, width)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  bucket_batches: int = 32) -> list[np.ndarray]:
+    """Row indices of each batch of an epoch: shuffled, then sorted by length within buckets of
+    ``bucket_batches`` batches, so each batch holds histories of similar length."""
+    order = rng.permutation(len(lengths))
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), bucket):
+        rows = order[start:start + bucket]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -20,8 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args(argv)
 
-    from .data import prepare
     from .evaluate import evaluate, format_table
+    from .prepare import prepare
     from .score import recommend
     from .synth import synth
     from .train import train

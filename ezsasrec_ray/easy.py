@@ -33,21 +33,23 @@ target, the rest trains; users with fewer than 3 items only train.
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
-import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
+from .batching import epoch_batches, left_pad, make_inputs
+from .encoder import user_vectors
 from .errors import EzSASRecError
+from .metrics import ranking_metrics
+from .model_io import read_model_dir, write_model_dir
+from .ranking import model_ranks
+from .topk import TopK, exact_scores
 
 __all__ = ["SASREC", "SASRecDataSet", "UserSequences", "WarpSampler", "filter_k_core",
            "load_model", "to_sasrec_data"]
@@ -450,8 +452,6 @@ class WarpSampler:
     def next_batch(self):
         """``(u, seq, pos, neg)`` for ``batch_size`` random users, as ezSASRec's sampler: the
         most recent ``maxlen + 1`` training items, left-padded with 0."""
-        from .batching import make_inputs
-
         if self.closed:
             raise EzSASRecError("WarpSampler: next_batch() after close()")
         rows = self.rng.choice(self.trainable, size=self.batch_size)
@@ -578,12 +578,10 @@ class SASREC:
         ``softmax`` (full catalog), ``sampled_softmax`` / ``gbce`` (``num_negatives`` sampler
         negatives per user). Returns ``history``.
         """
-        import keras
         import tensorflow as tf
 
-        from .batching import make_inputs
-        from .losses import get_loss
-        from .train import epoch_batches
+        from .fit import Adam, make_train_step, model_loss
+        from .losses import NEGATIVES, make_loss, negative_shape
 
         self._check_data(dataset, "train")
         if not isinstance(sampler, WarpSampler):
@@ -609,25 +607,11 @@ class SASREC:
             warnings.warn(f"val_target_user_n={val_target_user_n} is not used: the easy API "
                           f"validates on all {eligible} users", stacklevel=2)
 
+        # the step Ray Train workers run, under the default (single-device) strategy
         net = self.sasrec
-        loss_fn = get_loss(loss)
-        optimizer = keras.optimizers.Adam(learning_rate=float(lr))
-        optimizer.build(net.trainable_variables)
-        spec = tf.TensorSpec([None, None], tf.int32)
-
-        @tf.function(input_signature=[spec, spec, spec])
-        def train_step(inputs, positives, negatives):
-            with tf.GradientTape() as tape:
-                seq = net.sequence_embeddings(inputs, training=True)
-                table = net.item_embeddings()
-                if loss == "softmax":
-                    value = loss_fn(seq, table, positives)
-                else:
-                    value = loss_fn(seq, table, positives, negatives)
-                value = tf.cast(value, tf.float32) + net.regularization_loss()
-            grads = tape.gradient(value, net.trainable_variables)
-            optimizer.apply_gradients(zip(grads, net.trainable_variables))
-            return value
+        optimizer = Adam(net.trainable_variables, float(lr))
+        train_step = make_train_step(optimizer, tf.distribute.get_strategy(),
+                                     model_loss(net, make_loss(loss)))
 
         rng = np.random.default_rng(seed)
         rows_all = sampler.trainable
@@ -643,14 +627,12 @@ class SASREC:
                 rows = rows_all[batch]
                 seqs = _prefixes(sampler.values, sampler.offsets, rows, sampler.lengths[rows])
                 inputs, positives = make_inputs(seqs, self.seq_max_len, rng)
-                if loss == "bce":
-                    negatives = np.where(positives > 0,
-                                         sampler.negatives(rows, positives.shape, rng), 0)
-                elif loss in ("sampled_softmax", "gbce"):
-                    negatives = sampler.negatives(rows, (len(rows), num_negatives), rng)
-                else:
-                    negatives = np.zeros((1, 1), np.int32)
-                total += float(train_step(inputs, positives, negatives.astype(np.int32)))
+                # ezSASRec's sampler: negatives the user has not seen
+                shape = negative_shape(loss, positives.shape, num_negatives)
+                negatives = (sampler.negatives(rows, shape, rng) if NEGATIVES[loss]
+                             else np.zeros(shape, np.int32))
+                total += float(train_step(inputs, positives.astype(np.int32),
+                                          negatives.astype(np.int32)))
                 steps += 1
             record = {"epoch": epoch, "NDCG@10": float("nan"), "HR@10": float("nan"),
                       "loss": total / max(steps, 1), "steps": steps, "users": 0}
@@ -707,8 +689,6 @@ class SASREC:
         ranks the target among all items not in the input history; an int / float samples
         that many / that share of ``itemnum`` negatives outside the user's items.
         """
-        from .evaluate import model_ranks
-        from .metrics import ranking_metrics
 
         self._check_data(dataset, "evaluate")
         k = _int_arg("evaluate: rank_threshold", rank_threshold, 1)
@@ -748,8 +728,6 @@ class SASREC:
         return user_id_list, dataset.user_rows(encoded)
 
     def _user_vectors(self, dataset, rows, is_test):
-        from .score import user_vectors
-
         histories = dataset.histories(rows, 1 if is_test else 0)
         return user_vectors(self.sasrec, histories), histories
 
@@ -764,9 +742,6 @@ class SASREC:
         excludes the items of that input history. ``target_item_n=-1`` ranks all items; an
         int / float ranks that many / that share of random items instead.
         """
-        from .batching import left_pad
-        from .topk import TopK, exact_scores
-
         self._check_data(dataset, "recommend_item")
         top_n = _int_arg("recommend_item: top_n", top_n, 1)
         count = _negative_count(target_item_n, dataset.itemnum, "recommend_item")
@@ -789,8 +764,7 @@ class SASREC:
                 empty = (np.zeros(0, np.int64), np.zeros(len(part) + 1, np.int64))
                 cand = _sample_unseen(rng, histories if exclude_purchased else empty,
                                       (len(part), count), dataset.itemnum)
-                items, scores = _top_of_candidates(exact_scores(vecs, table, cand), cand,
-                                                   top_n)
+                items, scores = index(vecs, top_n, candidates=list(cand))
             for j, raw in enumerate(raw_users[start:start + _SCORE_USERS]):
                 keep = items[j] > 0
                 ids = items[j][keep].tolist()
@@ -807,8 +781,6 @@ class SASREC:
         The user's whole history is the input (as ezSASRec), all but its last item with
         ``is_test=True``. ``batch_size`` is the number of users encoded at once (any size).
         """
-        from .topk import exact_scores
-
         self._check_data(dataset, "get_user_item_score")
         batch_size = _int_arg("get_user_item_score: batch_size", batch_size, 1)
         item_list = list(item_list)
@@ -843,40 +815,23 @@ class SASREC:
         """Write the model directory ``path/exp_name`` (atomically replaced): ``config.json``,
         ``model.weights.h5``, ``item_embeddings.npy``, ``metrics.json`` (the arguments,
         epoch, best score; readable by ``ezsasrec_ray.load_model`` too), ``history.csv``."""
-        from .data import publish_directory
-        from .model import save_model_files
-        from .model_io import MODEL_FORMAT_VERSION
-
         if not exp_name or os.sep in str(exp_name):
             raise EzSASRecError(f"SASREC.save: exp_name must be a plain name, got {exp_name!r}")
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        directory = os.path.join(path, exp_name)
-        tmp = tempfile.mkdtemp(prefix=f".{exp_name}.tmp-", dir=path)
-        try:
-            save_model_files(self.sasrec, tmp)
-            np.save(os.path.join(tmp, "item_embeddings.npy"), self._item_table())
-            best = self.history.dropna(subset=["HR@10"]) if "HR@10" in self.history else None
-            metadata = {
-                "format_version": MODEL_FORMAT_VERSION,
-                "kind": "ezsasrec_ray.model",
-                "api": "ezsasrec_ray.easy",
-                "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "data": getattr(_dataset, "filename", None),
-                "vocab_fingerprint": None,  # encoded by the user, not by ezsasrec prepare
-                "model": self.config.to_dict(),
-                "easy": {"args": self.args(), "epoch": self.epoch,
-                         "best_score": self.best_score},
-                "valid": ({"NDCG@10": float(best["NDCG@10"].iloc[-1]),
-                           "HR@10": float(best["HR@10"].iloc[-1])}
-                          if best is not None and len(best) else {}),
-            }
-            with open(os.path.join(tmp, "metrics.json"), "w") as f:
-                json.dump(metadata, f, indent=2)
-            self.history.to_csv(os.path.join(tmp, "history.csv"), index=False)
-            publish_directory(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        directory = os.path.join(os.fspath(path), exp_name)
+        best = self.history.dropna(subset=["HR@10"]) if "HR@10" in self.history else None
+        metadata = {
+            "api": "ezsasrec_ray.easy",
+            "data": getattr(_dataset, "filename", None),
+            "vocab_fingerprint": None,  # encoded by the user, not by ezsasrec prepare
+            "model": self.config.to_dict(),
+            "easy": {"args": self.args(), "epoch": self.epoch, "best_score": self.best_score},
+            "valid": ({"NDCG@10": float(best["NDCG@10"].iloc[-1]),
+                       "HR@10": float(best["HR@10"].iloc[-1])}
+                      if best is not None and len(best) else {}),
+        }
+        write_model_dir(directory, self.sasrec, metadata, overwrite=True,
+                        extra=lambda tmp: self.history.to_csv(os.path.join(tmp, "history.csv"),
+                                                              index=False))
         return directory
 
 
@@ -886,8 +841,6 @@ def load_model(path, exp_name="sas_experiment"):
     JSON and HDF5 weights only (no pickle). A model directory written by ``ezsasrec train``
     loads too: its shape is read from ``config.json``.
     """
-    from .model_io import read_model_dir
-
     directory = os.path.join(os.fspath(path), exp_name)
     config, metadata = read_model_dir(directory)
     easy = metadata.get("easy") or {}
@@ -936,27 +889,3 @@ def _inverse_map(item_map_dict, item_num: int) -> np.ndarray:
         raise EzSASRecError(f"item_map gives ids outside 1..item_num ({item_num})")
     inverse[encoded] = list(item_map_dict.keys())
     return inverse
-
-
-def _top_of_candidates(scores: np.ndarray, cand: np.ndarray, k: int):
-    """Top-k of per-row candidates (duplicates and 0 dropped), score desc then item asc
-    -> (items (B, k) with 0 padding, scores (B, k))."""
-    cand = cand.astype(np.int64)
-    order = np.lexsort((cand, -scores.astype(np.float64)), axis=-1) if cand.size else \
-        np.zeros(cand.shape, np.int64)
-    cand = np.take_along_axis(cand, order, axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)
-    by_item = np.argsort(cand, axis=1, kind="stable")  # first of equal items = best scored
-    sorted_items = np.take_along_axis(cand, by_item, axis=1)
-    dup_sorted = np.zeros(cand.shape, bool)
-    dup_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
-    dup = np.zeros(cand.shape, bool)
-    np.put_along_axis(dup, by_item, dup_sorted, axis=1)
-    valid = (cand > 0) & ~dup
-    rank = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid ones first, in order
-    items = np.where(np.take_along_axis(valid, rank, 1), np.take_along_axis(cand, rank, 1), 0)
-    top = np.where(items > 0, np.take_along_axis(scores, rank, 1), -np.inf)
-    if items.shape[1] < k:
-        pad = ((0, 0), (0, k - items.shape[1]))
-        items, top = np.pad(items, pad), np.pad(top, pad, constant_values=-np.inf)
-    return items.astype(np.int32), top.astype(np.float32)

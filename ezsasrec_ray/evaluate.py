@@ -11,76 +11,40 @@ the same tie rule and exclusions for the model and for the baselines.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .batching import left_pad, take_rows
+from .dataset import check_holdout, load_prepared
+from .errors import EzSASRecError
 from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, coverage, ranking_metrics
-from .topk import TopK, rank_from_scores, sampled_ranks, top_k_from_scores
+from .model_io import check_vocab, load_model
+from .options import check_instance, option
+from .ranking import baseline_ranks, model_ranks
 
 
-def _batches(num_rows: int, batch_size: int):
-    for start in range(0, num_rows, batch_size):
-        yield np.arange(start, min(start + batch_size, num_rows))
+@dataclass
+class EvaluateConfig:
+    """Options of :func:`evaluate` (and ``ezsasrec evaluate``); validated on construction."""
 
+    split: str = option("test", "held-out targets to rank", choices=("valid", "test"))
+    protocol: str = option("full", "full: rank the target among all items; sampled: against "
+                                   "--num-negatives sampled items (older papers only)",
+                           choices=("full", "sampled"))
+    ks: tuple[int, ...] = option(DEFAULT_KS, "cut-offs K of HR@K and NDCG@K", min=1, flag="--k")
+    exclude_seen: bool = option(True, "exclude the user's history from the ranking")
+    batch_size: int = option(1024, "users per batch", min=1)
+    num_negatives: int = option(100, "sampled negatives per user (--protocol sampled)", min=1)
+    negative_sampling: str = option("uniform", "how negatives are drawn (--protocol sampled)",
+                                    choices=("uniform", "popularity"))
+    seed: int = option(0, "seed of the sampled negatives (--protocol sampled)")
+    baselines: bool = option(True, "also evaluate most-popular and first-order Markov baselines")
+    holdout: str | None = option(None, "what the model was trained on; the baselines are "
+                                       "fitted on the same items (default: from the model's "
+                                       "metrics.json)", choices=("valid", "test"))
 
-def model_ranks(model, histories, targets, *, batch_size: int = 1024, exclude_seen=True,
-                protocol: str = "full", negatives=None, top: np.ndarray | None = None):
-    """0-based rank of each target. histories: ``(values, offsets)`` ragged item indices.
-
-    With ``top`` (an int array (B, k)), also fills in each user's top-k items (for coverage).
-    """
-    from .score import user_vectors
-
-    values, offsets = (np.asarray(a) for a in histories)
-    table = np.asarray(model.item_embeddings().numpy(), np.float32)
-    topk = TopK(table)
-    ranks = np.empty(len(targets), np.int64)
-    for rows in _batches(len(targets), batch_size):
-        seqs = take_rows(values, offsets, rows)
-        user_vecs = user_vectors(model, seqs)  # (B, dim), as the nightly job and Serve
-        if protocol == "sampled":
-            ranks[rows] = sampled_ranks(user_vecs, table, targets[rows], negatives[rows])
-            continue
-        seen = None
-        if exclude_seen:
-            width = max(1, int(np.diff(seqs[1]).max(initial=1)))
-            seen = left_pad(seqs, width)
-        ranks[rows] = topk.target_ranks(user_vecs, targets[rows], histories=seen)
-        if top is not None:
-            top[rows] = topk(user_vecs, top.shape[1], histories=seen)[0]
-    return ranks
-
-
-def evaluate_examples(model, histories, targets, *, batch_size: int = 1024, ks=DEFAULT_KS,
-                      reduce: str = "mean"):
-    """Metrics of the model on ``(histories, targets)``.
-
-    ``reduce="mean"``: a metrics dict. ``reduce="sum"``: ``(sums, count)`` so that workers can
-    add their shares before dividing (used by training's distributed validation).
-    """
-    ranks = model_ranks(model, histories, targets, batch_size=batch_size)
-    metrics = ranking_metrics(ranks, ks) if len(ranks) else {}
-    metrics.pop("users", None)
-    if reduce == "sum":
-        return {k: v * len(ranks) for k, v in metrics.items()}, float(len(ranks))
-    return metrics
-
-
-def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
-                   exclude_seen: bool = True, top: np.ndarray | None = None) -> np.ndarray:
-    values, offsets = (np.asarray(a) for a in histories)
-    ranks = np.empty(len(targets), np.int64)
-    for rows in _batches(len(targets), batch_size):
-        seqs = take_rows(values, offsets, rows)
-        width = max(1, int(np.diff(seqs[1]).max(initial=1)))
-        padded = left_pad(seqs, width)
-        scores = baseline.scores(padded)
-        ranks[rows] = rank_from_scores(scores, targets[rows],
-                                       padded if exclude_seen else None)
-        if top is not None:
-            top[rows] = top_k_from_scores(scores, top.shape[1],
-                                          histories=padded if exclude_seen else None)[0]
-    return ranks
+    def __post_init__(self):
+        check_instance(self)
 
 
 def evaluate(data, model, *, split: str = "test", protocol: str = "full",
@@ -96,17 +60,16 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     Returns ``{"split", "protocol", "users", "fitted_on", "model": {...},
     "popularity": {...}, "markov": {...}}`` with HR@K, NDCG@K, MRR and coverage@10 for each.
     """
-    from .data import check_holdout, load_prepared
-    from .errors import EzSASRecError
-    from .model_io import check_vocab, load_model
-
+    config = EvaluateConfig(split=split, protocol=protocol, ks=ks, exclude_seen=exclude_seen,
+                            batch_size=batch_size, num_negatives=num_negatives,
+                            negative_sampling=negative_sampling, seed=seed, baselines=baselines,
+                            holdout=holdout)  # checked before anything loads
+    ks = config.ks
     if isinstance(data, str):
         data = load_prepared(data)
     if isinstance(model, str):
         model = load_model(model)
     check_vocab(model, data)
-    if protocol not in ("full", "sampled"):
-        raise EzSASRecError(f"--protocol: unknown protocol {protocol!r}; use full or sampled")
     if holdout is None:
         holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
                                                                                  "valid")

@@ -124,7 +124,7 @@ def sampled_softmax_loss(seq_emb, item_table, positives, negatives, log_q=None):
     return _masked_mean(per_position, valid, n_valid)
 
 
-def softmax_loss(seq_emb, item_table, positives):
+def softmax_loss(seq_emb, item_table, positives, negatives=None):
     """Full cross-entropy over the catalog 1..N (row 0 excluded, i.e. its logit is -inf).
 
     seq_emb (B, L, d), item_table (N+1, d), positives (B, L) -> scalar.
@@ -179,12 +179,39 @@ LOSSES = {
 }
 
 
+# Negatives each loss takes: one per position (bce), a shared set per user (sampled_softmax,
+# gbce) or none (softmax scores the whole catalog).
+NEGATIVES = {"bce": "per_position", "sampled_softmax": "per_user", "gbce": "per_user",
+             "softmax": None}
+
+
 def get_loss(name: str):
     """The loss function registered under name (one of LOSSES)."""
     try:
         return LOSSES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown loss {name!r}; valid names are {sorted(LOSSES)}") from None
+
+
+def make_loss(name: str, *, log_q=None, gbce_t: float = 0.75):
+    """The loss ``name`` as ``(seq_emb, item_table, positives, negatives) -> scalar``, its
+    options bound, so a training step never branches on the name."""
+    fn = get_loss(name)
+    if name == "sampled_softmax":
+        return lambda seq, table, pos, neg: fn(seq, table, pos, neg, log_q=log_q)
+    if name == "gbce":
+        return lambda seq, table, pos, neg: fn(seq, table, pos, neg, t=gbce_t)
+    return fn
+
+
+def negative_shape(name: str, positives_shape, num_negatives: int) -> tuple:
+    """Shape of the negatives a batch needs for loss ``name`` ((1, 1) placeholder: none)."""
+    kind = NEGATIVES[name]
+    if kind == "per_position":
+        return tuple(positives_shape)
+    if kind == "per_user":
+        return (positives_shape[0], num_negatives)
+    return (1, 1)
 
 
 # -----------------------------------------------------------------------------

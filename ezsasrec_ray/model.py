@@ -29,9 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.weights.h5"
-
+from .model_io import CONFIG_FILE, WEIGHTS_FILE
 
 # -----------------------------------------------------------------------------
 # config

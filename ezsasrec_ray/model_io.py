@@ -7,18 +7,24 @@ A model directory holds ``config.json`` + ``model.weights.h5`` (Keras 3 weights,
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+from types import SimpleNamespace
 
+import numpy as np
+
+from . import outputs
+from .dataset import sha256_file
 from .errors import EzSASRecError
 
 MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"  # SASRecConfig as JSON
+WEIGHTS_FILE = "model.weights.h5"  # Keras 3 weights (HDF5)
 
 
 def read_model_dir(path: str) -> tuple[dict, dict]:
     """Check a model directory without loading TensorFlow -> ``(config dict, metadata)``."""
-    from .model import CONFIG_FILE, WEIGHTS_FILE
-
     metrics_path = os.path.join(path, "metrics.json")
     if not os.path.isdir(path):
         raise EzSASRecError(f"{path}: model directory not found")
@@ -60,3 +66,55 @@ def check_vocab(model, data):
         raise EzSASRecError(
             f"model {getattr(model, 'model_dir', '?')} was trained with other vocabularies than "
             f"{data.path} (vocab fingerprint differs); re-train or use the matching data")
+
+
+def model_info(path: str) -> SimpleNamespace:
+    """What the driver needs of a model directory, without loading TensorFlow."""
+    from .model import SASRecConfig
+
+    config, metadata = read_model_dir(path)
+    return SimpleNamespace(config=SASRecConfig.from_dict(config), metadata=metadata,
+                           model_dir=os.path.abspath(path))
+
+
+def item_vocab(model_dir: str, data):
+    """The item vocabulary the model was trained with (copied into its directory by train),
+    else the prepared dataset's (whose fingerprint the model matched)."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(model_dir, "items")
+    if os.path.isdir(path):
+        return pq.read_table(path)
+    if data is None:
+        raise EzSASRecError(f"{model_dir}: model directory has no items/ vocabulary; "
+                            "give the prepared dataset (--data)")
+    return data.items()
+
+
+def model_version(model_dir: str) -> str:
+    digest = sha256_file(os.path.join(model_dir, WEIGHTS_FILE))
+    return f"{os.path.basename(os.path.abspath(model_dir))}-{digest[:12]}"
+
+
+def write_model_dir(output: str, model, metadata: dict, *, overwrite: bool,
+                    extra=None) -> dict:
+    """The one writer of a model directory, published atomically (:mod:`.outputs`).
+
+    Writes the config and weights, ``item_embeddings.npy``, whatever ``extra(tmp)`` adds
+    (vocabularies, history, curves) and ``metrics.json``: ``metadata`` with the format
+    version, kind and time. Returns that ``metrics.json`` content.
+    """
+    from .model import save_model_files
+
+    metrics = {"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
+               "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               **metadata}
+    with outputs.writing(output, overwrite=overwrite, kind="model") as pending:
+        save_model_files(model, pending.tmp)
+        np.save(os.path.join(pending.tmp, "item_embeddings.npy"),
+                np.asarray(model.item_embeddings().numpy(), np.float32))
+        if extra is not None:
+            extra(pending.tmp)
+        with open(os.path.join(pending.tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics

@@ -7,8 +7,8 @@ each) only call :func:`main`. The config (``jobs/config.example.yaml`` documents
     ray: {address: null}             # null: $RAY_ADDRESS (set inside `ray job submit`), else local
     prepare:  {input: ..., <PrepareConfig fields>}
     train:    {<TrainConfig fields>}
-    evaluate: {<keyword arguments of evaluate.evaluate>}
-    score:    {<keyword arguments of score.recommend>}
+    evaluate: {<EvaluateConfig fields>}
+    score:    {<ScoreConfig fields>}
 
 The whole config is checked (unknown keys, types, values, the input files) before any stage
 starts. Layout of ``workdir``::
@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -56,12 +55,13 @@ import socket
 import sys
 import time
 import traceback
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
+from .options import check_values, defaults, yaml_keys
+from .outputs import write_json_atomic
 
 STAGES = ("prepare", "train", "evaluate", "score")
 SECTIONS = ("workdir", "ray", *STAGES)
@@ -126,32 +126,22 @@ class PipelineConfig:
         return os.path.abspath(self.train.get("storage_path") or os.path.join(self.workdir, "runs"))
 
 
-def section_params() -> dict[str, dict[str, str | None]]:
-    """Each stage section's keys -> their annotation (a string such as ``"int | None"``; None
-    where the library gives none). The keys are the library's own argument names, less the
-    ones the pipeline sets itself."""
-    from .data import PrepareConfig
-    from .evaluate import evaluate
-    from .score import recommend
+def section_classes() -> dict[str, type]:
+    """Each stage section's config class: the section's keys are its fields (less the ones the
+    pipeline sets itself), checked by :func:`.options.check_values`."""
+    from .evaluate import EvaluateConfig
+    from .prepare import PrepareConfig
+    from .score import ScoreConfig
     from .train import TrainConfig
 
-    def of_fields(cls):
-        return {f.name: f.type for f in dataclasses.fields(cls)}
-
-    def of_function(fn):
-        return {name: None if p.annotation is inspect.Parameter.empty else p.annotation
-                for name, p in inspect.signature(fn).parameters.items()}
-
-    params = {"prepare": {"input": "str", **of_fields(PrepareConfig), "verbose": "bool"},
-              "train": of_fields(TrainConfig), "evaluate": of_function(evaluate),
-              "score": of_function(recommend)}
-    return {stage: {k: v for k, v in keys.items() if k not in _MANAGED[stage]}
-            for stage, keys in params.items()}
+    return {"prepare": PrepareConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+            "score": ScoreConfig}
 
 
 def section_keys() -> dict[str, tuple[str, ...]]:
     """The keys each stage section accepts."""
-    return {stage: tuple(keys) for stage, keys in section_params().items()}
+    return {stage: tuple(k for k in yaml_keys(cls) if k not in _MANAGED[stage])
+            for stage, cls in section_classes().items()}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -251,110 +241,34 @@ def _structure(path: str, raw: dict) -> PipelineConfig:
                           address=address, **{s: sections[s] for s in STAGES})
 
 
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _type_ok(value, annotation: str) -> bool:
-    names = [name.strip() for name in str(annotation).split("|")]
-    if value is None:
-        return "None" in names or "Any" in names
-    if any(name not in _TYPES and name != "None" for name in names):
-        return True  # Any, or a type not checked here
-    return any(isinstance(value, _TYPES[name]) and (name == "bool") == isinstance(value, bool)
-               for name in names if name != "None")
-
-
-def _check_types(config: PipelineConfig):
-    """Each key's value against the library's annotation (numbers in str fields become str)."""
-    annotations = section_params()
-    for stage in STAGES:
-        values = getattr(config, stage)
-        for key, value in values.items():
-            annotation = annotations[stage].get(key)
-            if annotation is None:
-                continue
-            if "str" in str(annotation) and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
-                values[key] = value = str(value)  # e.g. a column given by position
-            if not _type_ok(value, annotation):
-                raise EzSASRecError(f"{config.source}: {stage}.{key}: expected {annotation}, "
-                                    f"got {value!r}")
-
-
 def _named(stage: str, message: str) -> str:
     """A library message names options CLI-style (``--epochs``); name them as in the config."""
     return re.sub(r"--([a-z][a-z0-9-]*)",
                   lambda m: f"{stage}.{m.group(1).replace('-', '_')}", message)
 
 
-def _check_choice(source: str, stage: str, key: str, value, allowed):
-    if value not in allowed:
-        raise EzSASRecError(f"{source}: {stage}.{key}: unknown value {value!r}; "
-                            f"use one of {', '.join(map(str, allowed))}")
-
-
-def _check_min(source: str, stage: str, values: dict, minimums: dict):
-    for key, low in minimums.items():
-        if key in values and values[key] is not None and values[key] < low:
-            raise EzSASRecError(f"{source}: {stage}.{key}: must be >= {low}, got {values[key]!r}")
-
-
-def _check_evaluate(config: PipelineConfig):
-    values, src = config.evaluate, config.source
-    if "split" in values:
-        _check_choice(src, "evaluate", "split", values["split"], ("valid", "test"))
-    if "protocol" in values:
-        _check_choice(src, "evaluate", "protocol", values["protocol"], ("full", "sampled"))
-    if values.get("holdout") is not None:
-        _check_choice(src, "evaluate", "holdout", values["holdout"], ("valid", "test"))
-    if "negative_sampling" in values:
-        _check_choice(src, "evaluate", "negative_sampling", values["negative_sampling"],
-                      ("uniform", "popularity"))
-    if "ks" in values:
-        ks = values["ks"] if isinstance(values["ks"], list) else [values["ks"]]
-        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                             for k in ks):
-            raise EzSASRecError(f"{src}: evaluate.ks: expected positive integers, "
-                                f"got {values['ks']!r}")
-        values["ks"] = ks
-    _check_min(src, "evaluate", values, {"batch_size": 1, "num_negatives": 1})
-
-
-def _check_score(config: PipelineConfig):
-    from .score import FORMATS, HOLDOUTS
-
-    values, src = config.score, config.source
-    if "format" in values:
-        _check_choice(src, "score", "format", values["format"], FORMATS)
-    if values.get("holdout") is not None:
-        _check_choice(src, "score", "holdout", values["holdout"], HOLDOUTS)
-    _check_min(src, "score", values, {"top_n": 1, "batch_size": 1, "chunk_size": 1, "actors": 1,
-                                      "gpus_per_actor": 0, "cpus_per_actor": 0,
-                                      "threads_per_actor": 1})
-    for key in ("users", "exclude_items", "candidates"):
-        value = values.get(key)
-        if isinstance(value, str) and not os.path.isfile(value):
-            raise EzSASRecError(f"{src}: score.{key}: file not found: {value}")
-        if value is not None and not isinstance(value, (str, list)):
-            raise EzSASRecError(f"{src}: score.{key}: expected a file path or a list of ids, "
-                                f"got {value!r}")
-
-
 def validate(config: PipelineConfig, stages: Sequence[str] = STAGES) -> PipelineConfig:
-    """Check every value of every section (and, when prepare runs, that its input exists),
-    with the library's own checks where it has them. Raises a one-line EzSASRecError."""
-    from .data import PrepareConfig
+    """Check every value of every section (and, when prepare runs, that its input exists):
+    each section against its config class (types, choices, limits: one definition, in
+    :mod:`.options`), then the configs' own cross-field checks. Raises a one-line
+    EzSASRecError naming ``<section>.<key>``."""
     from .readers import list_input_files
-    from .train import TrainConfig
 
-    _check_types(config)
     src = config.source
-    try:
-        options = {k: v for k, v in config.prepare.items() if k not in ("input", "verbose")}
-        PrepareConfig(input=config.prepare.get("input") or "", output=config.prepared_dir,
-                      **options)
-    except EzSASRecError as exc:
-        raise EzSASRecError(f"{src}: {_named('prepare', exc.message)}") from None
+    classes = section_classes()
+    if "input" in config.prepare and config.prepare["input"] is None:
+        del config.prepare["input"]  # needed only when prepare runs (checked below)
+    for stage in STAGES:  # normalizes in place: e.g. a column position becomes its text
+        check_values(classes[stage], getattr(config, stage), source=f"{src}: {stage}")
+    managed = {"prepare": {"input": config.prepare.get("input") or "",
+                           "output": config.prepared_dir}}
+    for stage in STAGES:
+        try:
+            built = classes[stage](**{**getattr(config, stage), **managed.get(stage, {})})
+            if stage == "train":
+                built.model_config(num_items=1)
+        except EzSASRecError as exc:
+            raise EzSASRecError(f"{src}: {_named(stage, exc.message)}") from None
     if "prepare" in stages:
         if not config.prepare.get("input"):
             raise EzSASRecError(f"{src}: prepare.input: the raw log to read is required")
@@ -362,15 +276,13 @@ def validate(config: PipelineConfig, stages: Sequence[str] = STAGES) -> Pipeline
             list_input_files(config.prepare["input"])
         except EzSASRecError as exc:
             raise EzSASRecError(f"{src}: prepare.input: {exc.message}") from None
-    try:
-        TrainConfig(**config.train).model_config(num_items=1)
-    except (EzSASRecError, TypeError) as exc:
-        raise EzSASRecError(f"{src}: {_named('train', str(exc))}") from None
-    _check_evaluate(config)
     if "evaluate" in stages and config.train.get("holdout") == "none":
         raise EzSASRecError(f"{src}: train.holdout: 'none' trains on the test targets, so the "
                             "evaluate stage cannot measure the model")
-    _check_score(config)
+    for key in ("users", "exclude_items", "candidates"):
+        value = config.score.get(key)
+        if isinstance(value, str) and not os.path.isfile(value):
+            raise EzSASRecError(f"{src}: score.{key}: file not found: {value}")
     return config
 
 
@@ -399,7 +311,7 @@ def input_files(source: str) -> list[list]:
 
 def prepared_id(path: str) -> str | None:
     """Id of a prepared dataset: the hash of its content hashes; None if absent/incomplete."""
-    from .data import load_prepared
+    from .dataset import load_prepared
 
     try:
         return _digest(load_prepared(path).manifest["content_hashes"])
@@ -409,9 +321,8 @@ def prepared_id(path: str) -> str | None:
 
 def model_id(path: str) -> str | None:
     """Id of a model directory: its config, weights and vocabularies; None if absent."""
-    from .data import sha256_file
-    from .model import WEIGHTS_FILE
-    from .model_io import read_model_dir
+    from .dataset import sha256_file
+    from .model_io import WEIGHTS_FILE, read_model_dir
 
     try:
         model_config, metadata = read_model_dir(path)
@@ -423,7 +334,7 @@ def model_id(path: str) -> str | None:
 
 
 def _file_id(path: str) -> str | None:
-    from .data import sha256_file
+    from .dataset import sha256_file
 
     return sha256_file(path) if os.path.isfile(path) else None
 
@@ -435,19 +346,6 @@ def scores_id(path: str) -> str | None:
     return _file_id(os.path.join(path, "manifest.json"))
 
 
-def write_json_atomic(path: str, obj):
-    """Write JSON to a temporary sibling and rename it over ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _read_json(path: str) -> dict | None:
@@ -557,7 +455,7 @@ class Pipeline:
     # plans: each built only when its stage is reached (inputs are upstream outputs)
 
     def plan_prepare(self) -> StagePlan:
-        from .data import PrepareConfig
+        from .prepare import PrepareConfig
 
         c = self.config
         opts = {k: v for k, v in c.prepare.items() if k not in ("input", "verbose")}
@@ -565,7 +463,7 @@ class Pipeline:
                                 **opts).options()
 
         def run(_fingerprint):
-            from .data import prepare
+            from .prepare import prepare
 
             manifest = prepare(c.prepare["input"], c.prepared_dir, address=c.address,
                                overwrite=True, verbose=c.prepare.get("verbose", True), **opts)
@@ -604,10 +502,10 @@ class Pipeline:
                          run)
 
     def plan_evaluate(self) -> StagePlan:
-        from .evaluate import evaluate
+        from .evaluate import EvaluateConfig, evaluate
 
         c = self.config
-        options = self._with_defaults(evaluate, c.evaluate, skip=("data", "model"))
+        options = self._with_defaults(EvaluateConfig, c.evaluate)
         inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare"),
                   "model": self._require(model_id, c.model_dir, "train")}
 
@@ -628,11 +526,10 @@ class Pipeline:
                          _file_id, run)
 
     def plan_score(self) -> StagePlan:
-        from .score import recommend
+        from .score import ScoreConfig, recommend
 
         c = self.config
-        options = self._with_defaults(recommend, c.score,
-                                      skip=("model", "data", "output", "overwrite", "address"))
+        options = self._with_defaults(ScoreConfig, c.score)
         options.pop("verbose", None)
         inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare"),
                   "model": self._require(model_id, c.model_dir, "train")}
@@ -663,11 +560,9 @@ class Pipeline:
         return value
 
     @staticmethod
-    def _with_defaults(fn, values: dict, skip: Sequence[str]) -> dict:
-        """The function's keyword defaults updated with the config's values (stable hashes)."""
-        defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
-                    if p.default is not inspect.Parameter.empty and name not in skip}
-        return json.loads(json.dumps({**defaults, **values}, default=str))
+    def _with_defaults(cls, values: dict) -> dict:
+        """The config class's defaults updated with the section's values (stable hashes)."""
+        return json.loads(json.dumps({**defaults(cls), **values}, default=str))
 
     def _remove_run(self, run_name: str):
         for name in (run_name, f"{run_name}-inputs"):

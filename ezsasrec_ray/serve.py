@@ -37,11 +37,19 @@ import hmac
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 
 import numpy as np
 
+from .batching import left_pad
+from .dataset import load_prepared
+from .encoder import user_vectors, warm_up
 from .errors import EzSASRecError
+from .model_io import check_vocab, item_vocab, load_model, model_version
+from .options import check_instance, option
+from .runtime import init_ray, set_threads
+from .topk import TopK, exact_scores, top_k_from_scores
+from .vocab import IdIndex
 
 API_KEY_ENV = "EZSASREC_API_KEY"
 APP_NAME = "ezsasrec"
@@ -52,25 +60,26 @@ DEPLOYMENT_NAME = "Recommender"
 class ServeConfig:
     """What a replica loads and the limits it enforces (validated before anything loads)."""
 
-    model: str  # model directory
-    data: str | None = None  # prepared dataset: user histories for user-id requests
-    max_k: int = 100  # largest k a request may ask for
-    max_history: int = 1000  # longest history a request may send
-    max_item_ids: int = 1000  # most item ids in one request's item_ids/exclude_items/candidates
-    max_batch_size: int = 32  # @serve.batch: requests answered in one call
-    batch_wait_timeout_s: float = 0.005  # @serve.batch: wait for more requests
-    api_key: str | None = None  # None: read EZSASREC_API_KEY; "" disables
-    model_version: str | None = None  # default: model dir name + weights hash prefix
-    threads: int | None = None  # TensorFlow threads per replica (None: TF's default)
-    precompute_user_vectors: bool = True  # encode every known user at start (4 x dim B each)
+    model: str = option(MISSING, "model directory")
+    data: str | None = option(None, "prepared dataset: user histories for user-id requests "
+                                    "(default: none, history requests only)")
+    max_k: int = option(100, "largest k a request may ask for", min=1)
+    max_history: int = option(1000, "longest history a request may send", min=1)
+    max_item_ids: int = option(1000, "most item ids in one request's item_ids, exclude_items or "
+                                     "candidates", min=1)
+    max_batch_size: int = option(32, "requests batched per call", min=1)
+    batch_wait_timeout_s: float = option(0.005, "how long a batch waits for more requests, in "
+                                                "seconds", min=0)
+    api_key: str | None = option(None, "API key requests must send (default: $EZSASREC_API_KEY; "
+                                       "empty: none)")
+    model_version: str | None = option(None, "version reported by /version and /readyz "
+                                             "(default: model directory name + weights hash)")
+    threads: int | None = option(None, "TensorFlow threads per replica (default: TF's)")
+    precompute_user_vectors: bool = option(True, "encode every known user at start-up (4 x dim "
+                                                 "bytes each)")
 
     def __post_init__(self):
-        for name in ("max_k", "max_history", "max_item_ids", "max_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise EzSASRecError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_timeout_s < 0:
-            raise EzSASRecError(f"serve: batch_wait_timeout_s must be >= 0, "
-                                f"got {self.batch_wait_timeout_s}")
+        check_instance(self, prefix="serve: ")
         if not os.path.isdir(self.model):
             raise EzSASRecError(f"serve: model {self.model}: directory not found")
         if self.data is not None and not os.path.isdir(self.data):
@@ -81,58 +90,6 @@ class ServeConfig:
 # Raw ids -> indices (a hash index built once; requests look ids up in O(1))
 
 
-class IdIndex:
-    """Raw ids of a vocabulary (index order 1..n) -> indices, 0 for unknown.
-
-    Integer vocabularies accept ints and integer strings; string vocabularies accept strings
-    and ints (as their decimal text), like the batch job's id files.
-    """
-
-    def __init__(self, vocab):
-        import pandas as pd
-        import pyarrow as pa
-
-        from .score import raw_ids_by_index
-
-        raw = raw_ids_by_index(vocab)
-        self.is_int = pa.types.is_integer(raw.type)
-        self.raw = raw.to_numpy(zero_copy_only=False)  # (n,) position i = index i + 1
-        self.index = pd.Index(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def _normal(self, value):
-        if self.is_int:
-            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-                return int(value)
-            if isinstance(value, str):
-                try:
-                    return int(value.strip())
-                except ValueError:
-                    return None
-            return None
-        return value if isinstance(value, str) else str(value)
-
-    def lookup(self, values) -> np.ndarray:
-        """Raw ids (list) -> indices (n,) int64, 0 where unknown."""
-        if len(values) == 0:
-            return np.zeros(0, np.int64)
-        normal = [self._normal(v) for v in values]
-        found = np.zeros(len(normal), np.int64)
-        ok = [i for i, v in enumerate(normal) if v is not None]
-        if ok:
-            pos = self.index.get_indexer([normal[i] for i in ok])
-            found[ok] = pos + 1  # -1 (unknown) -> 0
-        return found
-
-    def raw_ids(self, indices) -> list:
-        """Indices (1..n) -> raw ids as JSON-ready python values."""
-        return [v.item() if isinstance(v, np.generic) else v
-                for v in self.raw[np.asarray(indices, np.int64) - 1]]
-
-    def memory_bytes(self) -> int:
-        return int(self.index.memory_usage(deep=True) + getattr(self.raw, "nbytes", 0))
 
 
 class UserHistories:
@@ -194,13 +151,9 @@ class Recommender:
     """A loaded model (+ user histories) answering batches of queries. No Ray, no HTTP."""
 
     def __init__(self, config: ServeConfig):
-        from .data import load_prepared
-        from .model_io import check_vocab, load_model
-        from .score import _set_threads
-        from .topk import TopK
 
         self.config = config
-        _set_threads(config.threads)
+        set_threads(config.threads)
         started = time.perf_counter()
         self.model = load_model(config.model)
         self.metadata = self.model.metadata
@@ -213,12 +166,12 @@ class Recommender:
             self.users = IdIndex(data.users())
             self.histories = UserHistories(data)
         self.user_vecs = None
-        item_vocab = _item_vocab(config.model, data)
-        self.items = IdIndex(item_vocab)
-        counts = item_vocab.sort_by("index")["count"].to_numpy()
-        self.popularity = counts.astype(np.float64)  # (N,) item i+1's training count
-        self.popular_order = np.argsort(-self.popularity, kind="stable") + 1  # (N,) indices
-        self.model_version = config.model_version or _model_version(config.model)
+        items = item_vocab(config.model, data)
+        self.items = IdIndex(items)
+        counts = items.sort_by("index")["count"].to_numpy()
+        # (1, N+1): item i's training count in column i, column 0 (padding) never returned
+        self.popularity_scores = np.concatenate([[0.0], counts.astype(np.float64)])[None, :]
+        self.model_version = config.model_version or model_version(config.model)
         self._warm_up()
         if self.histories is not None and config.precompute_user_vectors:
             self.user_vecs = self._encode_all_users()
@@ -228,8 +181,6 @@ class Recommender:
         """(U + 1, d) float32: every known user's vector, row 0 unused. The same
         :func:`.score.user_vectors` on the same histories as the nightly job, done once."""
         import pyarrow as pa
-
-        from .score import user_vectors
 
         lists = pa.ListArray.from_arrays(pa.array(self.histories.offsets),
                                          pa.array(self.histories.items))
@@ -242,8 +193,6 @@ class Recommender:
 
     def vectors(self, resolved: list) -> np.ndarray:
         """(B, d) user vectors of resolved queries that have a history."""
-        from .score import user_vectors
-
         out = np.empty((len(resolved), self.model.config.dim), np.float32)
         use_cache = self.user_vecs is not None
         cached = [j for j, r in enumerate(resolved) if use_cache and r.user]
@@ -257,8 +206,6 @@ class Recommender:
     def _warm_up(self):
         """Compile the encoder for every call shape and load the top-k loops, so first
         requests are not slow."""
-        from .score import warm_up
-
         warm_up(self.model)
         self.topk.warm_up()
 
@@ -296,51 +243,31 @@ class Recommender:
 
     def recommend_many(self, queries: list[Query]) -> list[dict]:
         """Top-k for each query -> ``{"items", "scores", "model_version", "fallback", ...}``."""
-        from .batching import left_pad
-        from .topk import top_k
-
         resolved = [self.resolve(q) for q in queries]
         answers: list = [None] * len(queries)
         model_rows = [i for i, r in enumerate(resolved) if r.history is not None]
-        if model_rows:
-            vecs = self.vectors([resolved[i] for i in model_rows])  # (B, d)
-            plain = [j for j, i in enumerate(model_rows)
-                     if resolved[i].exclude is None and resolved[i].candidates is None]
-            if plain:  # one TopK call for every request without per-request item options
-                k = max(queries[model_rows[j]].k for j in plain)
-                seen = [resolved[model_rows[j]].history if queries[model_rows[j]].exclude_seen
-                        else np.zeros(0, np.int32) for j in plain]
-                width = max(1, max(s.size for s in seen))
-                idx, sc = self.topk(vecs[plain], k, histories=left_pad(seen, width))
-                for row, j in enumerate(plain):
-                    i = model_rows[j]
-                    answers[i] = self._answer(idx[row, :queries[i].k], sc[row, :queries[i].k],
-                                              resolved[i], fallback=False)
-            for j, i in enumerate(model_rows):
-                if answers[i] is not None:
-                    continue
-                r, q = resolved[i], queries[i]
-                seen = left_pad([r.history], max(1, r.history.size)) if q.exclude_seen else None
-                idx, sc = top_k(vecs[j:j + 1], self.item_table, q.k, histories=seen,
-                                exclude_items=r.exclude, candidates=r.candidates,
-                                chunk_size=self.topk.chunk_size)
-                answers[i] = self._answer(idx[0], sc[0], r, fallback=False)
+        if model_rows:  # one TopK call; exclusions and candidates per query, no re-indexing
+            k = max(queries[i].k for i in model_rows)
+            seen = [resolved[i].history if queries[i].exclude_seen else np.zeros(0, np.int32)
+                    for i in model_rows]
+            idx, sc = self.topk(self.vectors([resolved[i] for i in model_rows]), k,
+                                histories=left_pad(seen, max(1, max(s.size for s in seen))),
+                                exclude=[resolved[i].exclude for i in model_rows],
+                                candidates=[resolved[i].candidates for i in model_rows])
+            for row, i in enumerate(model_rows):
+                answers[i] = self._answer(idx[row, :queries[i].k], sc[row, :queries[i].k],
+                                          resolved[i], fallback=False)
         for i, r in enumerate(resolved):
             if answers[i] is None:
                 answers[i] = self._popular(queries[i], r)
         return answers
 
     def _popular(self, query: Query, r: _Resolved) -> dict:
-        """The fallback: most popular items (training counts as scores), same exclusions."""
-        allowed = np.ones(len(self.popularity) + 1, bool)
-        allowed[0] = False
-        if r.candidates is not None:
-            allowed[:] = False
-            allowed[r.candidates] = True
-        if r.exclude is not None:
-            allowed[r.exclude] = False
-        order = self.popular_order[allowed[self.popular_order]][:query.k]
-        return self._answer(order, self.popularity[order - 1], r, fallback=True)
+        """The fallback: most popular items (training counts as scores), with the query's
+        exclusions and candidates, through the same tie rule as the model's top-k."""
+        idx, scores = top_k_from_scores(self.popularity_scores, query.k,
+                                        exclude_items=r.exclude, candidates=r.candidates)
+        return self._answer(idx[0], scores[0], r, fallback=True)
 
     def _answer(self, idx, scores, r: _Resolved, *, fallback: bool) -> dict:
         keep = np.asarray(idx) > 0  # padding (fewer allowed items than k) is never returned
@@ -356,8 +283,6 @@ class Recommender:
 
     def score_many(self, queries: list[Query]) -> list[dict]:
         """Scores of each query's ``item_ids`` -> ``{"item_ids", "scores", ...}``."""
-        from .topk import exact_scores
-
         answers: list = []
         resolved = [self.resolve(q) for q in queries]
         rows = [i for i, r in enumerate(resolved) if r.history is not None]
@@ -403,26 +328,8 @@ class Recommender:
                 "num_users": len(self.users) if self.users is not None else None}
 
 
-def _item_vocab(model_dir: str, data):
-    """The item vocabulary the model was trained with (copied into its directory by train),
-    else the prepared dataset's (whose fingerprint the model matched)."""
-    import pyarrow.parquet as pq
-
-    path = os.path.join(model_dir, "items")
-    if os.path.isdir(path):
-        return pq.read_table(path)
-    if data is None:
-        raise EzSASRecError(f"{model_dir}: model directory has no items/ vocabulary; "
-                            "give the prepared dataset (--data)")
-    return data.items()
 
 
-def _model_version(model_dir: str) -> str:
-    from .data import sha256_file
-    from .model import WEIGHTS_FILE
-
-    digest = sha256_file(os.path.join(model_dir, WEIGHTS_FILE))
-    return f"{os.path.basename(os.path.abspath(model_dir))}-{digest[:12]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,8 +570,6 @@ def run_server(model: str, data: str | None, *, host: str = "127.0.0.1", port: i
                replicas: int | None = None, autoscale: str | None = None,
                address: str | None = None, blocking: bool = True, **config) -> str:
     """``ezsasrec serve``: deploy locally and (``blocking``) serve until Ctrl-C. -> the URL."""
-    from .data import init_ray
-
     app_ = build_app({"model": model, "data": data, "replicas": replicas,
                       "autoscale": autoscale, **config})
     init_ray(address)

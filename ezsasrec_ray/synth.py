@@ -20,43 +20,41 @@ Memory is bounded by one block of users (``users_per_block``), so 10^8 events ar
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow.csv as pacsv
 
+from . import outputs
 from .errors import EzSASRecError
+from .options import check_instance, option
+from .runtime import init_ray
 
 START_TIME = 1_600_000_000  # 2020-09-13, unix seconds
 
 
 @dataclass
 class SynthConfig:
-    users: int = 5000
-    items: int = 500
-    events: int = 200_000
-    seed: int = 0
-    themes: int = 8
-    max_step: int = 4  # a walk moves 1..max_step places along its theme's permutation
-    noise: float = 0.1
-    zipf: float = 1.0
-    min_length: int = 5
-    users_per_block: int = 50_000
-    format: str = "parquet"  # parquet | csv | tsv
+    """Options of ``ezsasrec synth``; validated on construction."""
+
+    users: int = option(5000, "users (each with at least --min-length events)", min=1)
+    items: int = option(500, "catalog size", min=1)
+    events: int = option(200_000, "events in total", min=1)
+    seed: int = option(0, "random seed (the output is the same for a seed on any cluster)")
+    themes: int = option(8, "hidden user themes", min=1)
+    max_step: int = option(4, "a walk moves 1..max-step places along its theme", min=1)
+    noise: float = option(0.1, "share of random popular jumps", min=0, max=1)
+    zipf: float = option(1.0, "popularity skew: rank r is drawn with weight 1 / r ** zipf")
+    min_length: int = option(5, "shortest user history", min=1)
+    users_per_block: int = option(50_000, "users generated per Ray task (bounds its memory)",
+                                  min=1)
+    format: str = option("parquet", "output file format", choices=("parquet", "csv", "tsv"))
 
     def __post_init__(self):
-        for name in ("users", "items", "events", "themes", "min_length", "users_per_block"):
-            if getattr(self, name) < 1:
-                raise EzSASRecError(f"--{name.replace('_', '-')} must be >= 1, "
-                                    f"got {getattr(self, name)}")
+        check_instance(self)
         if self.events < self.users * self.min_length:
             raise EzSASRecError(f"--events {self.events} is too few: each of {self.users} users "
                                 f"needs at least {self.min_length}")
-        if not 0 <= self.noise <= 1:
-            raise EzSASRecError(f"--noise must be in [0, 1], got {self.noise}")
-        if self.format not in ("parquet", "csv", "tsv"):
-            raise EzSASRecError(f"--format: unknown synth format {self.format!r}")
 
 
 def _history_lengths(config: SynthConfig) -> np.ndarray:
@@ -123,11 +121,9 @@ def synth(output: str, *, users: int = 5000, items: int = 500, events: int = 200
     import ray
     import ray.data
 
-    from .data import init_ray, publish_directory
 
     config = SynthConfig(users=users, items=items, events=events, seed=seed, **options)
-    if os.path.exists(output) and not overwrite:
-        raise EzSASRecError(f"--output {output}: already exists; pass --overwrite to replace it")
+    outputs.check_output(output, overwrite)  # before any work
     init_ray(address)
     lengths_ref = ray.put(_history_lengths(config))
     catalog_ref = ray.put(_catalog(config))
@@ -135,20 +131,14 @@ def synth(output: str, *, users: int = 5000, items: int = 500, events: int = 200
     dataset = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
         generate_block, batch_size=1, batch_format="numpy",
         fn_kwargs={"config": config, "lengths_ref": lengths_ref, "catalog_ref": catalog_ref})
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-synth")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if config.format == "parquet":
-        dataset.write_parquet(tmp)
-    else:
-        delimiter = "," if config.format == "csv" else "\t"
-        import pyarrow.csv as pacsv
-
-        dataset.write_csv(tmp, arrow_csv_args_fn=lambda: {
-            "write_options": pacsv.WriteOptions(delimiter=delimiter,
-                                                include_header=config.format == "csv")})
-    publish_directory(tmp, output)
+    with outputs.writing(output, overwrite=overwrite, kind="log") as pending:
+        if config.format == "parquet":
+            dataset.write_parquet(pending.tmp)
+        else:
+            delimiter = "," if config.format == "csv" else "\t"
+            dataset.write_csv(pending.tmp, arrow_csv_args_fn=lambda: {
+                "write_options": pacsv.WriteOptions(delimiter=delimiter,
+                                                    include_header=config.format == "csv")})
     summary = {"output": output, **asdict(config)}
     if verbose:
         print(f"synth: wrote {config.events:,} events of {config.users:,} users over "

@@ -47,6 +47,11 @@ it are searched again. The exact float64 scores above are computed for about k i
 only, so the matmul is most of the time.
 Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
 
+Per-query options. :class:`TopK` is built once per item table and every call may bring its own
+exclusions and candidate lists, one per query row, without re-indexing: a row's exclusions are
+appended to its history (set to -inf in the score blocks, like the history), and a row with
+candidates is answered by exact-scoring just those items (O(candidates), no catalog pass).
+
 Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
 go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same tie rule.
 """
@@ -209,6 +214,33 @@ def _as_histories(histories, num_rows):
     return h
 
 
+def _per_row(options, num_rows, num_items, name):
+    """None or B entries (None or item indices) -> None or a list of B (None or int64 (M,)
+    arrays in 0..num_items): per-query exclude or candidates."""
+    if options is None:
+        return None
+    if len(options) != num_rows:
+        raise ValueError(f"{name} must have one entry per row ({num_rows}), got {len(options)}")
+    return [None if o is None else _as_items(o, num_items, name, lo=0) for o in options]
+
+
+def _merge_exclusions(histories, exclude, num_rows):
+    """histories (B, H) int64 or None, exclude from :func:`_per_row` -> (B, H + E) int64 or None.
+
+    Each row's exclusions are appended to its history (rows padded with 0, which is never an
+    item), so every path that drops history items drops them too, at a cost of O(B x E), not
+    O(catalog) as re-indexing would be.
+    """
+    width = 0 if exclude is None else max((e.size for e in exclude if e is not None), default=0)
+    if width == 0:
+        return histories
+    extra = np.zeros((num_rows, width), np.int64)
+    for b, e in enumerate(exclude):
+        if e is not None:
+            extra[b, : e.size] = e
+    return extra if histories is None else np.hstack([histories, extra])
+
+
 def _chunk_bounds(n, chunk_size, first):
     """-> [(start, stop)] covering 0..n with chunks of first, first, 2 first, 4 first, ...
     up to chunk_size.
@@ -250,16 +282,21 @@ def _sorted_desc(keys):
 class TopK:
     """Exact top-k index over a fixed item table, with exclusions.
 
+    This is the one retrieval interface (in the spirit of TensorFlow Recommenders'
+    ``factorized_top_k.TopK``): index the table once, then query it with per-query histories,
+    exclusions and candidate lists (:meth:`__call__`); :meth:`is_exact` says whether results
+    are exact (True here; an approximate backend would answer False).
+
     Args:
         item_table: (N+1, d) float32 item embeddings, row 0 = padding.
-        exclude_items: int array of items never returned (for every user).
+        exclude_items: int array of items never returned (for every user and every query).
         candidates: int array; if given, only these items are scored and returned (their rows
             are gathered once, so restricting the catalog also makes scoring cheaper).
         chunk_size: items scored per matmul; memory is O(min(B, 512) x chunk_size + B x k).
 
-    Item 0 is never a candidate. Build one TopK and call it for every batch: construction
-    copies the allowed rows (in a fixed random order, see :meth:`_stream`) and checks the
-    table once.
+    Item 0 is never a candidate. Build one TopK and call it for every batch and request:
+    construction copies the allowed rows (in a fixed random order, see :meth:`_stream`) and
+    checks the table once; per-query options never copy or re-order it.
     """
 
     def __init__(self, item_table, *, exclude_items=None, candidates=None,
@@ -293,27 +330,47 @@ class TopK:
 
     # -- public --------------------------------------------------------------
 
-    def __call__(self, user_vecs, k, *, histories=None):
-        """Top-k items per user.
+    def __call__(self, user_vecs, k, *, histories=None, exclude=None, candidates=None):
+        """Top-k items per user, with per-query exclusions and candidates.
 
-        user_vecs (B, d) float32, k int >= 0, histories (B, H) int or None
+        user_vecs (B, d) float32, k int >= 0, histories (B, H) int or None; exclude and
+        candidates: None or B entries, one per row, each None or a 1-D int array of items in
+        0..N (0 is ignored, other values raise a ValueError). A row never gets its history
+        items, its ``exclude`` items or the items excluded at construction; a row whose
+        ``candidates`` entry is not None only gets items from it (an empty one: nothing).
         -> indices (B, k) int32, scores (B, k) float32 (exact scores), sorted by score
-        descending, ties by smaller index. A row with fewer than k returnable items is padded
-        with index 0 and score -inf.
+        descending, ties by smaller index: per row, the same as a TopK built with that row's
+        options. A row with fewer than k returnable items is padded with index 0 and score -inf.
         """
         users = self._users(user_vecs)
         num_rows, k = users.shape[0], int(k)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        histories = _as_histories(histories, num_rows)
+        exclude = _per_row(exclude, num_rows, self.num_items, "exclude")
+        candidates = _per_row(candidates, num_rows, self.num_items, "candidates")
         keys = np.full((num_rows, k), EMPTY_KEY, np.int64)
         if k == 0 or num_rows == 0 or self.items.size == 0:
             return decode_keys(keys)
-        histories = _as_histories(histories, num_rows)
-        for a in range(0, num_rows, _ROW_BLOCK):  # rows are independent: cache-sized blocks
-            rows = slice(a, a + _ROW_BLOCK)
+        histories = _merge_exclusions(histories, exclude, num_rows)
+        streamed = np.arange(num_rows)
+        if candidates is not None:  # rows with candidates: exact scores of just those items
+            listed = np.array([c is not None for c in candidates])
+            for b in np.flatnonzero(listed):
+                seen = np.zeros(0, np.int64) if histories is None else histories[b]
+                top = self._candidate_top(users[b : b + 1], k, candidates[b], seen)
+                keys[b, : top.size] = top
+            streamed = streamed[~listed]
+        for a in range(0, streamed.size, _ROW_BLOCK):  # rows are independent: cache-sized blocks
+            rows = streamed[a : a + _ROW_BLOCK]
             top = self._top_rows(users[rows], k, None if histories is None else histories[rows])
             keys[rows, : top.shape[1]] = top
         return decode_keys(keys)
+
+    def is_exact(self):
+        """True: results are the exact top k under the tie rule (an approximate index would
+        return False)."""
+        return True
 
     def target_ranks(self, user_vecs, targets, *, histories=None):
         """0-based rank of each user's target among the returnable items.
@@ -417,6 +474,19 @@ class TopK:
             sub_hist = None if histories is None else histories[rows]
             out[rows] = _sorted_desc(self._stream(users[rows], k, sub_hist, bound[rows], True))
         return out
+
+    def _candidate_top(self, user, k, candidates, seen):
+        """One row restricted to its own candidates: (1, d), k >= 1, candidates int64 (M,),
+        seen (S,) items it may not get (history and exclusions; 0 and out-of-range values
+        match nothing) -> (min(k, m),) keys by exact score, sorted descending.
+
+        Exact scores of just these m items, O(M + S): no pass over the catalog, and the same
+        keys as a TopK built with these candidates would return.
+        """
+        items = np.unique(candidates)  # a candidate listed twice is still one item
+        items = items[(self._positions[items] >= 0) & ~np.isin(items, seen)]
+        keys = encode_keys(exact_scores(user, self.table, items[None]), items[None])[0]
+        return np.sort(keys)[::-1][:k]
 
     def _items_at(self, positions):
         """Positions in self.items (int64 array) -> the items there."""
@@ -549,7 +619,8 @@ def top_k(user_vecs, item_table, k, *, histories=None, exclude_items=None, candi
     user_vecs (B, d), item_table (N+1, d), histories (B, H) or None, exclude_items (E,) or None,
     candidates (M,) or None -> indices (B, k) int32, scores (B, k) float32; sorted by score
     descending, ties by smaller index; rows with fewer than k allowed items are padded with
-    index 0 and score -inf. For many batches, build one :class:`TopK` instead.
+    index 0 and score -inf. For many batches or requests, build one :class:`TopK` instead
+    and give it each query's exclusions and candidates (it is never rebuilt).
     """
     index = TopK(item_table, exclude_items=exclude_items, candidates=candidates,
                  chunk_size=chunk_size)

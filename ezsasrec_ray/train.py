@@ -42,92 +42,105 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import HOLDOUTS
+from . import outputs
+from .batching import epoch_batches, make_inputs, take_rows
+from .dataset import HOLDOUTS, load_prepared, training_sequences
 from .errors import EzSASRecError
-from .model import SASRecConfig
-from .model_io import MODEL_FORMAT_VERSION
+from .model_io import WEIGHTS_FILE
+from .model_io import write_model_dir as save_model_dir
+from .options import check_instance, option
+from .ranking import evaluate_examples
+from .runtime import init_ray, set_threads
+
+if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --help`` stays fast)
+    from .fit import Adam
+    from .model import SASRecConfig
 
 TRAIN_STATE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.npz"
 OPTIMIZERS = ("auto", "adam", "lazy_adam")
+LOSS_NAMES = ("bce", "sampled_softmax", "softmax", "gbce")  # the keys of losses.LOSSES
 
 
 @dataclass
 class TrainConfig:
-    """Options of ``ezsasrec train``. Model shape fields go to :class:`SASRecConfig`."""
+    """Options of ``ezsasrec train``; validated on construction. Model shape fields go to
+    :class:`SASRecConfig`."""
 
-    epochs: int = 20
-    batch_size: int = 128  # per worker; the global batch is batch_size x num_workers
-    lr: float = 1e-3
-    lr_scaling: str = "sqrt"  # sqrt | linear | none: how lr grows with num_workers
-    # constant | cosine: lr x (1 + cos(pi x progress)) / 2, set at each epoch's start, where
+    epochs: int = option(20, "passes over the data (fewer with early stopping or a time budget)",
+                         min=1)
+    batch_size: int = option(128, "sequences per batch and worker; the global batch is "
+                                  "batch-size x num-workers", min=1)
+    lr: float = option(1e-3, "learning rate; applied: lr x sqrt(num-workers) with --lr-scaling "
+                             "sqrt")
+    lr_scaling: str = option("sqrt", "how the learning rate grows with --num-workers",
+                             choices=("sqrt", "linear", "none"))
+    # cosine: lr x (1 + cos(pi x progress)) / 2, set at each epoch's start, where
     # progress = the larger of epochs done / epochs and training time / time_budget_s
-    lr_schedule: str = "constant"
-    loss: str = "softmax"  # bce | sampled_softmax | softmax | gbce
-    negatives: int = 256  # sampled_softmax and gbce
-    negative_sampling: str = "uniform"  # uniform | popularity (sampled_softmax, with log-q)
-    gbce_t: float = 0.75
-    maxlen: int = 50
-    dim: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    l2: float = 0.0
-    optimizer: str = "auto"  # auto | adam | lazy_adam; see resolved_optimizer
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int | None = None  # default: the cluster's CPUs / num_workers
-    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16 (GPU)
-    xla: bool = False
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    lr_schedule: str = option("constant", "cosine: decay to 0 over --epochs or the time budget",
+                              choices=("constant", "cosine"))
+    loss: str = option("softmax", "training loss (softmax: full catalog; the others sample "
+                                  "negatives)", choices=LOSS_NAMES)
+    negatives: int = option(256, "sampled negatives per sequence (sampled_softmax and gbce)",
+                            min=1)
+    negative_sampling: str = option("uniform", "how negatives are drawn (popularity: "
+                                               "sampled_softmax with log-q correction)",
+                                    choices=("uniform", "popularity"))
+    gbce_t: float = option(0.75, "calibration t of the gbce loss")
+    maxlen: int = option(50, "longest history the model reads")
+    dim: int = option(64, "embedding size (divisible by --heads)")
+    blocks: int = option(2, "self-attention blocks")
+    heads: int = option(1, "attention heads")
+    dropout: float = option(0.2, "dropout rate")
+    l2: float = option(0.0, "L2 penalty on the embedding tables")
+    optimizer: str = option("auto", "auto: dense Adam for every loss; lazy_adam updates only the "
+                                    "item rows a batch touches", choices=OPTIMIZERS)
+    num_workers: int = option(1, "Ray Train workers (data parallel)", min=1)
+    use_gpu: bool = option(False, "one GPU per worker")
+    cpus_per_worker: int | None = option(None, "CPUs per worker (default: the cluster's CPUs / "
+                                               "num-workers)")
+    precision: str = option("float32", "float32, or mixed precision on a GPU",
+                            choices=("float32", "mixed_bfloat16", "mixed_float16"))
+    xla: bool = option(False, "jit-compile the training step with XLA")
+    patience: int = option(3, "epochs without a better validation NDCG@10 before stopping", min=1)
     # What to train on (data.fit_lengths): valid = hold out the validation and test targets
     # (validation metrics, early stopping, best epoch kept); test = also train on the
     # validation targets, the final model for a test evaluation (no validation: runs the
     # epochs or the time budget, keeps the last epoch); none = every event (production).
-    holdout: str = "valid"
-    time_budget_s: float | None = None  # stop after the epoch that crosses this training time
-    trim_batches: bool = True  # False: fixed maxlen-wide batches, no bucketing (for benchmarks)
-    seed: int = 0
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    run_name: str | None = None
-    storage_path: str | None = None
-    eval_batch_size: int = 1024
-    verbose: bool = True
+    holdout: str = option("valid", "targets kept out of training: valid (validation metrics, "
+                                   "early stopping), test (also train on the validation "
+                                   "targets), none (every event: production)", choices=HOLDOUTS)
+    time_budget_s: float | None = option(None, "stop after the epoch that crosses this much "
+                                               "training time, in seconds (default: no limit)")
+    trim_batches: bool = option(True, "trim each batch to its longest history, bucketed by "
+                                      "length (off: fixed maxlen-wide batches, for benchmarks)")
+    seed: int = option(0, "random seed")
+    max_failures: int = option(2, "restarts of failed workers from the latest checkpoint", min=0)
+    keep_checkpoints: int = option(2, "best checkpoints kept, by validation NDCG@10", min=1)
+    run_name: str | None = option(None, "Ray Train run name; re-running with the same name "
+                                        "resumes from its latest checkpoint (default: "
+                                        "ezsasrec-<output directory name>)")
+    storage_path: str | None = option(None, "checkpoint directory (shared on a cluster; "
+                                            "default: .ezsasrec_runs beside the output)")
+    eval_batch_size: int = option(1024, "users per validation batch", min=1)
+    verbose: bool = option(True, "print one line per epoch")
 
     def __post_init__(self):
-        from .losses import LOSSES
-
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "negatives": self.negatives >= 1, "num_workers": self.num_workers >= 1,
-            "patience": self.patience >= 1, "keep_checkpoints": self.keep_checkpoints >= 1,
-            "max_failures": self.max_failures >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise EzSASRecError(f"--{name.replace('_', '-')}: invalid value "
-                                    f"{getattr(self, name)!r}")
-        if self.loss not in LOSSES:
-            raise EzSASRecError(f"--loss: unknown loss {self.loss!r}; use one of {sorted(LOSSES)}")
-        choices = {"lr_scaling": ("sqrt", "linear", "none"),
-                   "lr_schedule": ("constant", "cosine"),
-                   "negative_sampling": ("uniform", "popularity"),
-                   "precision": ("float32", "mixed_bfloat16", "mixed_float16"),
-                   "optimizer": OPTIMIZERS, "holdout": HOLDOUTS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise EzSASRecError(f"--{name.replace('_', '-')}: unknown value "
-                                    f"{getattr(self, name)!r}; use one of {allowed}")
+        check_instance(self)
+        if self.lr <= 0:
+            raise EzSASRecError(f"--lr must be > 0, got {self.lr!r}")
         if self.xla and self.optimizer == "lazy_adam":
             raise EzSASRecError("--optimizer lazy_adam: not with --xla (XLA cannot compile "
                                 "its dynamic row set); use --optimizer adam")
 
     def model_config(self, num_items: int) -> SASRecConfig:
         """The model shape; raises a one-line error for a bad shape (before any worker)."""
+        from .model import SASRecConfig
+
         try:
             return SASRecConfig(num_items=num_items, maxlen=self.maxlen, dim=self.dim,
                                 blocks=self.blocks, heads=self.heads, dropout=self.dropout,
@@ -156,191 +169,25 @@ class TrainConfig:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# --------------------------------------------------------------------------------------------
-# Batches (numpy, vectorized)
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  bucket_batches: int = 32) -> list[np.ndarray]:
-    """Row indices of each batch of an epoch: shuffled, then sorted by length within buckets of
-    ``bucket_batches`` batches, so each batch holds histories of similar length."""
-    order = rng.permutation(len(lengths))
-    bucket = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), bucket):
-        rows = order[start:start + bucket]
-        rows = rows[np.argsort(lengths[rows], kind="stable")]
-        batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
 
 
-# --------------------------------------------------------------------------------------------
-# Optimizer: fused Adam, with lazy (row-sparse) updates of the item table
-
-
-class Adam:
-    """Adam for a model's weights, with the formula, defaults and bias correction of
-    ``keras.optimizers.Adam``, built for a small model where the per-op cost dominates a step.
-
-    * Dense weights: one fused kernel per weight and step (TF's ``ResourceApplyAdam``), where
-      Keras' Adam builds ~40 graph ops per weight (about 1,000 a step for SASRec). A sparse
-      gradient (an embedding's) is summed across replicas as rows, then made dense locally.
-    * ``lazy`` weights (the item table, with a sampled loss): only the rows in the step's
-      gradient (``tf.IndexedSlices``; rows may repeat, they are summed) are updated, together
-      with their m and v, with scatter ops: O(rows in the batch x dim) a step instead of
-      O(table). As TF-Addons' LazyAdam: bias correction by the shared step count; rows without
-      a gradient keep their value and moments (dense Adam keeps moving them with their decaying
-      momentum). A dense gradient for a lazy weight updates every row (= dense Adam).
-
-    Use :meth:`apply` inside ``strategy.run`` (or with no strategy) and create the optimizer
-    under ``strategy.scope()``: gradients are summed across replicas first (the sparse rows are
-    all-gathered under MultiWorkerMirroredStrategy), then every replica applies the same update
-    to its copy, so the copies stay identical. ``variables`` is the whole state in a fixed
-    order (step, then m and v of each weight), for checkpoints.
-    """
-
-    def __init__(self, weights, learning_rate: float, lazy=(), beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-7):
-        import keras
-        import tensorflow as tf
-
-        self.variables_to_train = list(weights)
-        lazy_ids = {id(w) for w in lazy}
-        self.lazy = [id(w) in lazy_ids for w in self.variables_to_train]
-        self._targets = [w.value if isinstance(w, keras.Variable) else w  # the tf.Variables
-                         for w in self.variables_to_train]
-        self.beta_1, self.beta_2 = beta_1, beta_2
-        # a variable, so a schedule can change it between steps (set_learning_rate)
-        self.learning_rate = tf.Variable(float(learning_rate), dtype=tf.float32,
-                                         trainable=False, name="adam_learning_rate")
-        self.epsilon = epsilon
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_step")
-        self.m = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_m_{i}")
-                  for i, w in enumerate(self._targets)]
-        self.v = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_v_{i}")
-                  for i, w in enumerate(self._targets)]
-
-    @property
-    def variables(self) -> list:
-        return [self.step, *self.m, *self.v]
-
-    def set_learning_rate(self, value: float):
-        """Outside the step (every replica gets the same value)."""
-        self.learning_rate.assign(float(value))
-
-    def apply(self, gradients):
-        """gradients: this replica's gradient of each of ``variables_to_train`` (in order)."""
-        import tensorflow as tf
-
-        dense, sparse = [], []
-        for gradient, lazy in zip(gradients, self.lazy):
-            if lazy or isinstance(gradient, tf.IndexedSlices):  # rows: all-gathered, not summed
-                (sparse if lazy else dense).append(_as_row_slices(gradient))
-            else:
-                dense.append(tf.cast(gradient, tf.float32))
-        context = tf.distribute.get_replica_context()
-        if context.num_replicas_in_sync > 1:
-            dense, sparse = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense, sparse])
-        dense_targets = [w for w, lazy in zip(self._targets, self.lazy) if not lazy]
-        dense = [tf.math.unsorted_segment_sum(g.values, g.indices, w.shape[0])  # (rows, ...)
-                 if isinstance(g, tf.IndexedSlices) else g for g, w in zip(dense, dense_targets)]
-        rows, values = [], []
-        for gradient in sparse:
-            unique, index = tf.unique(gradient.indices)  # (R,), (K,): first-occurrence order
-            rows.append(unique)
-            values.append(tf.math.unsorted_segment_sum(gradient.values, index,
-                                                       tf.shape(unique)[0]))  # (R, d)
-        t = tf.cast(self.step + 1, tf.float32)  # this update's step count
-        powers = (tf.pow(self.beta_1, t), tf.pow(self.beta_2, t))
-        context.merge_call(self._distributed_update, args=(powers, dense, rows, values))
-
-    def _distributed_update(self, strategy, powers, dense, rows, values):
-        """Cross-replica context: the same update on every replica's copy of each weight."""
-        strategy.extended.update(self.step, lambda step: step.assign_add(1), group=False)
-        dense, sparse = iter(dense), iter(zip(rows, values))
-        for i, (target, lazy) in enumerate(zip(self._targets, self.lazy)):
-            if lazy:
-                strategy.extended.update(target, self._update_rows,
-                                         args=(i, powers, *next(sparse)), group=False)
-            else:
-                strategy.extended.update(target, self._update_dense,
-                                         args=(i, powers, next(dense)), group=False)
-
-    def _update_dense(self, weight, i, powers, gradient):
-        import tensorflow as tf
-
-        tf.raw_ops.ResourceApplyAdam(
-            var=weight.handle, m=self.m[i].handle, v=self.v[i].handle,
-            beta1_power=powers[0], beta2_power=powers[1], lr=tf.identity(self.learning_rate),
-            beta1=self.beta_1, beta2=self.beta_2, epsilon=self.epsilon,
-            grad=tf.cast(gradient, weight.dtype))
-
-    def _update_rows(self, weight, i, powers, rows, values):
-        """rows (R,) unique int32, values (R, d) float32: the summed gradient of those rows."""
-        import tensorflow as tf
-
-        m_var, v_var = self.m[i], self.v[i]
-        alpha = self.learning_rate * tf.sqrt(1.0 - powers[1]) / (1.0 - powers[0])
-        m = tf.gather(m_var, rows) * self.beta_1 + (1.0 - self.beta_1) * values  # (R, d)
-        v = tf.gather(v_var, rows) * self.beta_2 + (1.0 - self.beta_2) * tf.square(values)
-        m_var.scatter_update(tf.IndexedSlices(m, rows))
-        v_var.scatter_update(tf.IndexedSlices(v, rows))
-        weight.scatter_sub(tf.IndexedSlices(alpha * m / (tf.sqrt(v) + self.epsilon), rows))
-
-
-def _as_row_slices(gradient):
-    """A table's gradient as float32 IndexedSlices with int32 row indices (a dense gradient:
-    every row)."""
-    import tensorflow as tf
-
-    if not isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.convert_to_tensor(gradient)
-        return tf.IndexedSlices(tf.cast(gradient, tf.float32), tf.range(tf.shape(gradient)[0]))
-    return tf.IndexedSlices(tf.cast(gradient.values, tf.float32),
-                            tf.cast(gradient.indices, tf.int32))
 
 
 def build_optimizer(model, cfg: TrainConfig) -> Adam:
     """The optimizer of a run: the item table lazy when ``cfg.resolved_optimizer()`` is
     ``lazy_adam``."""
+    from .fit import Adam
+
     lazy = [model.item_embeddings()] if cfg.resolved_optimizer() == "lazy_adam" else []
     return Adam(model.trainable_variables, cfg.effective_lr(), lazy=lazy)
 
 
-def make_train_step(optimizer: Adam, strategy, compute_loss, xla: bool = False):
-    """A tf.function ``(inputs, positives, negatives) -> mean loss`` that runs one step on every
-    replica: ``compute_loss(inputs, positives, negatives) -> scalar``, gradients, update."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, None], tf.int32)
-
-    @tf.function(input_signature=[spec, spec, spec], jit_compile=xla or None)
-    def train_step(inputs, positives, negatives):
-        def step(inputs, positives, negatives):
-            with tf.GradientTape() as tape:
-                loss = compute_loss(inputs, positives, negatives)
-                scaled = loss / strategy.num_replicas_in_sync
-            optimizer.apply(tape.gradient(scaled, optimizer.variables_to_train))
-            return loss
-
-        per_replica = strategy.run(step, args=(inputs, positives, negatives))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-
-    return train_step
 
 
 # --------------------------------------------------------------------------------------------
 # The worker loop
-
-
-def _set_threads(threads: int):
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-    except RuntimeError:  # already initialized in this process
-        pass
 
 
 def _load_worker_shard(shard) -> tuple[np.ndarray, np.ndarray]:
@@ -387,16 +234,15 @@ def train_loop_per_worker(loop_config: dict):
     import ray.train
     import tensorflow as tf
 
-    from .batching import make_inputs, take_rows
-    from .evaluate import evaluate_examples
-    from .losses import get_loss, sample_negatives
-    from .model import build_model
+    from .fit import batch_negatives, make_train_step, model_loss
+    from .losses import make_loss
+    from .model import SASRecConfig, build_model
 
     cfg = TrainConfig(**loop_config["train"])
     model_config = SASRecConfig.from_dict(loop_config["model"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _set_threads(loop_config["threads"])
+    set_threads(loop_config["threads"])
     if cfg.precision != "float32":
         import keras
 
@@ -417,28 +263,14 @@ def train_loop_per_worker(loop_config: dict):
     with strategy.scope():
         model = build_model(model_config)
         optimizer = build_optimizer(model, cfg)
-    loss_fn = get_loss(cfg.loss)
     num_items = model_config.num_items
-    log_q = None
-    probs = None
+    log_q = probs = None
     if cfg.negative_sampling == "popularity":
         probs = popularity[1:] ** 0.75 + 1e-12
         log_q = tf.constant(np.log(np.concatenate([[1.0], probs / probs.sum()]) * cfg.negatives),
                             tf.float32)
-
-    def compute_loss(inputs, positives, negatives):
-        seq = model.sequence_embeddings(inputs, training=True)
-        table = model.item_embeddings()
-        if cfg.loss == "softmax":
-            loss = loss_fn(seq, table, positives)
-        elif cfg.loss == "sampled_softmax":
-            loss = loss_fn(seq, table, positives, negatives, log_q=log_q)
-        elif cfg.loss == "gbce":
-            loss = loss_fn(seq, table, positives, negatives, t=cfg.gbce_t)
-        else:
-            loss = loss_fn(seq, table, positives, negatives)
-        return tf.cast(loss, tf.float32) + model.regularization_loss()
-
+    loss = make_loss(cfg.loss, log_q=log_q, gbce_t=cfg.gbce_t)
+    compute_loss = model_loss(model, loss)
     train_step = make_train_step(optimizer, strategy, compute_loss, cfg.xla)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
@@ -474,12 +306,8 @@ def train_loop_per_worker(loop_config: dict):
                 pad = ((0, 0), (model_config.maxlen - inputs.shape[1], 0))
                 inputs, positives = np.pad(inputs, pad), np.pad(positives, pad)
             positions += inputs.size
-            if cfg.loss == "bce":
-                negatives = sample_negatives(rng, positives.shape, num_items)
-            elif cfg.loss in ("sampled_softmax", "gbce"):
-                negatives = sample_negatives(rng, (len(rows), cfg.negatives), num_items, probs)
-            else:
-                negatives = np.zeros((1, 1), np.int32)
+            negatives = batch_negatives(cfg.loss, rng, positives, cfg.negatives, num_items,
+                                        probs)
             total_loss += float(train_step(inputs, positives, negatives))
             steps += 1
             sequences_seen += len(rows)
@@ -566,7 +394,6 @@ def _training_dataset(data, holdout: str = "valid"):
     """Ray Data dataset of training sequences (column ``items``) from a prepared dataset."""
     import pyarrow as pa
 
-    from .data import training_sequences
 
     kind = data.split_kind
 
@@ -594,13 +421,11 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
-    from .data import init_ray, load_prepared
 
     config = TrainConfig(**options)
     prepared = load_prepared(data)
     model_config = config.model_config(prepared.num_items)  # fails before any worker starts
-    if os.path.exists(output) and not overwrite:
-        raise EzSASRecError(f"--output {output}: already exists; pass --overwrite to replace it")
+    outputs.check_output(output, overwrite)  # before any work
     init_ray(address)
     run_name = config.run_name or f"ezsasrec-{os.path.basename(os.path.abspath(output))}"
     storage = os.path.abspath(config.storage_path or os.path.join(
@@ -664,54 +489,36 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
 def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainConfig,
                     model_config: SASRecConfig, state: dict, best_metrics: dict,
                     wall_seconds: float, overwrite: bool) -> dict:
-    """Model directory, written atomically: config, weights, item embeddings, vocabularies,
-    metrics.json, history.csv and training_curves.png."""
-    import datetime as dt
+    """The model directory of a run (:func:`.model_io.write_model_dir`): the best checkpoint's
+    weights, the vocabularies, metrics.json, history.csv and training_curves.png."""
+    from .model import build_model
 
-    from .data import publish_directory
-    from .model import load_model_files
+    model = build_model(model_config)
+    model.load_weights(os.path.join(checkpoint_dir, WEIGHTS_FILE))
+    history = state["history"]
 
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    try:
-        for name in ("config.json", "model.weights.h5"):
-            shutil.copy(os.path.join(checkpoint_dir, name), os.path.join(tmp, name))
-        model = load_model_files(tmp)
-        np.save(os.path.join(tmp, "item_embeddings.npy"),
-                np.asarray(model.item_embeddings().numpy(), np.float32))
+    def extra(tmp: str):
         for name in ("users", "items"):
             shutil.copytree(os.path.join(prepared.path, name), os.path.join(tmp, name))
-        history = state["history"]
         with open(os.path.join(tmp, "history.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
         _plot_curves(history, os.path.join(tmp, "training_curves.png"))
-        best_epoch = int(best_metrics.get("epoch", 0))
-        metrics = {
-            "format_version": MODEL_FORMAT_VERSION,
-            "kind": "ezsasrec_ray.model",
-            "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "data": os.path.abspath(prepared.path),
-            "vocab_fingerprint": prepared.vocab_fingerprint(),
-            "model": model_config.to_dict(),
-            "train": {**{k: v for k, v in asdict(config).items() if k != "verbose"},
-                      "optimizer": config.resolved_optimizer()},
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "stopped_early": len(history) < config.epochs,
-            "wall_seconds": round(wall_seconds, 2),
-            "valid": {k[6:]: v for k, v in best_metrics.items() if k.startswith("valid_")},
-        }
-        with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        if os.path.exists(output) and not overwrite:
-            raise EzSASRecError(f"--output {output}: already exists; pass --overwrite")
-        publish_directory(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return metrics
+
+    metadata = {
+        "data": os.path.abspath(prepared.path),
+        "vocab_fingerprint": prepared.vocab_fingerprint(),
+        "model": model_config.to_dict(),
+        "train": {**{k: v for k, v in asdict(config).items() if k != "verbose"},
+                  "optimizer": config.resolved_optimizer()},
+        "best_epoch": int(best_metrics.get("epoch", 0)),
+        "epochs_run": len(history),
+        "stopped_early": len(history) < config.epochs,
+        "wall_seconds": round(wall_seconds, 2),
+        "valid": {k[6:]: v for k, v in best_metrics.items() if k.startswith("valid_")},
+    }
+    return save_model_dir(output, model, metadata, overwrite=overwrite, extra=extra)
 
 
 def _plot_curves(history: list[dict], path: str):

@@ -22,8 +22,8 @@ import pytest
 import ray
 import yaml
 
-from ezsasrec_ray.data import PrepareConfig
 from ezsasrec_ray.evaluate import evaluate
+from ezsasrec_ray.prepare import PrepareConfig
 from ezsasrec_ray.score import recommend
 from ezsasrec_ray.train import TrainConfig
 

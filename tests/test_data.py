@@ -15,8 +15,10 @@ from conftest import shared_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ezsasrec_ray.data import load_prepared, prepare
+from ezsasrec_ray import outputs
+from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError, PrepareError
+from ezsasrec_ray.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -287,8 +289,37 @@ def test_cli_bad_input_is_one_line(tmp_path):
         f"ezsasrec prepare: error: {tmp_path / 'x.csv'}: input not found")
 
 
+def test_cli_overwrite_never_replaces_a_users_directory(tmp_path):
+    src = write_tsv(tmp_path / "log.tsv", [(u, i, i) for u in range(1, 6) for i in range(1, 6)])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"not ours")
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ezsasrec_ray.cli", "prepare", "--input", str(src),
+         "--output", str(photos), "--overwrite"], capture_output=True, text=True, env=env,
+        timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(photos) in lines[0] and "not written by ezsasrec_ray" in \
+        lines[0], proc.stderr
+    assert (photos / "holiday.jpg").read_bytes() == b"not ours"
+    assert sorted(os.listdir(tmp_path)) == ["log.tsv", "photos"]  # no temporaries left
+
+
+def test_killed_run_temporaries_are_removed_by_the_next_run(tmp_path):
+    src = write_tsv(tmp_path / "log.tsv", [(u, (u * i) % 7 + 1, i) for u in range(1, 30)
+                                           for i in range(6)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".o.tmp-{outputs._host()}-{dead.pid}-0123abcd"
+    (stale / "sequences").mkdir(parents=True)
+    run_prepare(src, tmp_path / "o", k_core=2)
+    assert sorted(os.listdir(tmp_path)) == ["log.tsv", "o"]
+
+
 def test_fit_lengths_by_holdout_and_split_kind():
-    from ezsasrec_ray.data import fit_lengths, training_sequences
+    from ezsasrec_ray.dataset import fit_lengths, training_sequences
 
     # leave-one-out: users with 5 and 2 events (the second is train-only)
     loo = pa.table({"item_indices": pa.array([[1, 2, 3, 4, 5], [6, 7]]),

@@ -175,8 +175,8 @@ def test_saved_model_has_no_pickle_and_reloads_identically(quickstart, tmp_path)
     data, model, user_map = quickstart["data"], quickstart["trained"], quickstart["user_map"]
     directory = model.save(str(tmp_path), "again")
     names = sorted(os.listdir(directory))
-    assert names == ["config.json", "history.csv", "item_embeddings.npy", "metrics.json",
-                     "model.weights.h5"]
+    assert names == ["_SUCCESS", "config.json", "history.csv", "item_embeddings.npy",
+                     "metrics.json", "model.weights.h5"]
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             head = f.read(2)
@@ -420,3 +420,11 @@ def test_load_model_reads_a_train_model_directory(tmp_path):
     assert (model.item_num, model.seq_max_len, model.embedding_dim) == (12, 6, 8)
     assert (model.epoch, model.best_score) == (4, 0.5)
     np.testing.assert_array_equal(model._item_table(), net.item_embeddings().numpy())
+
+
+def test_save_refuses_to_replace_a_users_directory(quickstart, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(EzSASRecError, match="not written by ezsasrec_ray"):
+        quickstart["trained"].save(str(tmp_path), "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -17,11 +17,13 @@ import ray
 from ezsasrec_ray import recommend, score_pairs
 from ezsasrec_ray.batching import left_pad
 from ezsasrec_ray.cli import main as cli_main
-from ezsasrec_ray.data import load_prepared, prepare
+from ezsasrec_ray.dataset import load_prepared
+from ezsasrec_ray.encoder import user_vectors
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.model import SASRecConfig, build_model, save_model_files
 from ezsasrec_ray.model_io import MODEL_FORMAT_VERSION, load_model
-from ezsasrec_ray.score import FAULT_ENV, user_vectors
+from ezsasrec_ray.prepare import prepare
+from ezsasrec_ray.score import FAULT_ENV
 from ezsasrec_ray.synth import synth
 
 TOP_N = 10

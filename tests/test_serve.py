@@ -19,8 +19,9 @@ import yaml
 from test_score import read_results, write_model_dir
 
 from ezsasrec_ray import recommend, score_pairs
-from ezsasrec_ray.data import load_prepared, prepare
+from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
+from ezsasrec_ray.prepare import prepare
 from ezsasrec_ray.serve import Query, Recommender, ServeConfig, build_app, deployment_options
 from ezsasrec_ray.synth import synth
 

@@ -1,5 +1,7 @@
 """Exact streaming top-k and target ranks (ezsasrec_ray.topk) against brute-force numpy."""
 
+from functools import reduce
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from ezsasrec_ray import topk
 from ezsasrec_ray.topk import (
+    DEFAULT_CHUNK_SIZE,
     EMPTY_KEY,
     TopK,
     decode_keys,
@@ -409,6 +412,201 @@ def test_top_k_class_reused_and_input_checks():
     nan_table[3, 1] = np.inf
     with pytest.raises(ValueError):
         TopK(nan_table)
+
+
+# -----------------------------------------------------------------------------
+# per-query exclusions and candidates (one index, options per call)
+
+
+def options_mask(ok, exclude, candidates):
+    """ok (B, N+1) from allowed_mask, per-row exclude / candidates (None or items) -> the items
+    each row may get with its own options on top."""
+    ok = ok.copy()
+    for b in range(ok.shape[0]):
+        if exclude is not None and exclude[b] is not None:
+            ok[b, np.asarray(exclude[b], int)] = False
+        if candidates is not None and candidates[b] is not None:
+            listed = np.zeros(ok.shape[1], bool)
+            listed[np.asarray(candidates[b], int)] = True
+            ok[b] &= listed
+    return ok
+
+
+def per_row_indexes(users, table, k, histories, exclude, candidates, base_exclude=None,
+                    base_candidates=None, chunk=DEFAULT_CHUNK_SIZE):
+    """The old way: one TopK built per row with that row's options folded in -> (B, k) x 2."""
+    rows = []
+    for b in range(users.shape[0]):
+        ex = [np.asarray(e, int) for e in (base_exclude, exclude and exclude[b]) if e is not None]
+        cand = [np.asarray(c, int) for c in (base_candidates, candidates and candidates[b])
+                if c is not None]
+        index = TopK(table, exclude_items=np.concatenate(ex) if ex else None,
+                     candidates=reduce(np.intersect1d, cand) if cand else None, chunk_size=chunk)
+        rows.append(index(users[b : b + 1], k,
+                          histories=None if histories is None else histories[b : b + 1]))
+    return np.vstack([r[0] for r in rows]), np.vstack([r[1] for r in rows])
+
+
+def random_options(rng, num_users, num_items, size):
+    """B per-row entries: None (about half), an empty list, or 1..size items in 0..N (repeats
+    and item 0 included)."""
+    out = []
+    for _ in range(num_users):
+        r = rng.random()
+        out.append(None if r < 0.5 else [] if r < 0.6 else
+                   rng.integers(0, num_items + 1, int(rng.integers(1, size + 1))))
+    return out
+
+
+@pytest.mark.parametrize("data", [int_data, float_data])
+def test_per_query_options_match_brute_force_and_an_index_per_row(data):
+    rng = np.random.default_rng(12)
+    for trial in range(6):
+        num_users, num_items = int(rng.integers(1, 9)), int(rng.integers(1, 60))
+        users, table = data(rng, num_users, num_items, int(rng.integers(1, 6)))
+        histories = rng.integers(0, num_items + 1, (num_users, 4)) if trial % 3 else None
+        base_ex = rng.integers(0, num_items + 1, 3) if trial % 2 else None
+        base_cand = rng.integers(0, num_items + 1, 30) if trial in (2, 5) else None
+        exclude = random_options(rng, num_users, num_items, 10)
+        candidates = random_options(rng, num_users, num_items, 20)
+        ok = options_mask(allowed_mask(num_users, num_items, histories, base_ex, base_cand),
+                          exclude, candidates)
+        scores = all_scores(users, table)
+        for k in {1, int(rng.integers(1, num_items + 3)), num_items + 2}:
+            want = brute_top_k(scores, ok, k)
+            for chunk in CHUNKS + (num_items + 5,):
+                index = TopK(table, exclude_items=base_ex, candidates=base_cand, chunk_size=chunk)
+                got = index(users, k, histories=histories, exclude=exclude, candidates=candidates)
+                assert_same(got, want)
+                assert_same(got, per_row_indexes(users, table, k, histories, exclude, candidates,
+                                                 base_ex, base_cand, chunk))
+
+
+def test_per_query_options_float_catalog_mixed_batch():
+    # a catalog large enough for the pilot threshold and several chunks; each row excludes its
+    # own plain top 5 (so exclusions change the answer), some rows are restricted to
+    # candidates, some have no options at all
+    rng = np.random.default_rng(13)
+    users, table = float_data(rng, 24, 3000, 16)
+    histories = rng.integers(0, 3001, (24, 30))
+    index = TopK(table, chunk_size=256)
+    plain, _ = index(users, 5, histories=histories)
+    exclude = [plain[b] if b % 3 == 0 else None for b in range(24)]
+    exclude[1] = rng.integers(1, 3001, 40)
+    candidates = [rng.integers(1, 3001, 300) if b % 4 == 1 else None for b in range(24)]
+    candidates[5] = np.concatenate([plain[5], rng.integers(1, 3001, 50)])  # history overlaps
+    ok = options_mask(allowed_mask(24, 3000, histories), exclude, candidates)
+    want = brute_top_k(all_scores(users, table), ok, 20)
+    hist_before = histories.copy()
+    got = index(users, 20, histories=histories, exclude=exclude, candidates=candidates)
+    assert_same(got, want)
+    np.testing.assert_array_equal(histories, hist_before)  # the caller's histories untouched
+    assert not np.isin(got[0][0], plain[0]).any()
+    assert_same(got, per_row_indexes(users, table, 20, histories, exclude, candidates,
+                                     chunk=256))
+    singles = [index(users[b : b + 1], 20, histories=histories[b : b + 1], exclude=[exclude[b]],
+                     candidates=[candidates[b]]) for b in range(24)]
+    assert_same((np.vstack([r[0] for r in singles]), np.vstack([r[1] for r in singles])), want)
+
+
+def test_per_query_empty_lists_padding_and_ties():
+    table = np.zeros((9, 2), np.float32)
+    table[[2, 5, 7]] = [1.0, 1.0]  # tied best, then 1 and 4 tied, then the rest
+    table[[1, 4]] = [0.5, 0.5]
+    users = np.ones((4, 2), np.float32)
+    index = TopK(table, exclude_items=[5], chunk_size=2)
+    idx, val = index(users, 4, histories=np.array([[0, 2], [0, 0], [0, 0], [7, 1]]),
+                     exclude=[[], [2, 2, 0], None, [4]],
+                     candidates=[None, [], [0, 8, 5, 7, 7, 4], [1, 4, 7]])
+    assert idx.tolist() == [[7, 1, 4, 3], [0, 0, 0, 0], [7, 4, 8, 0], [0, 0, 0, 0]]
+    assert val[0].tolist() == [2.0, 1.0, 1.0, 0.0]
+    assert np.isneginf(val[1]).all() and val[2].tolist() == [2.0, 1.0, 0.0, -np.inf]
+    idx, _ = index(users, 2, exclude=[None] * 4, candidates=[None] * 4)  # all None: plain
+    assert idx.tolist() == [[2, 7]] * 4
+    idx, val = index(users, 0, exclude=[[1]] * 4, candidates=[[1]] * 4)
+    assert idx.shape == val.shape == (4, 0)
+
+
+def test_per_query_options_check_their_items():
+    rng = np.random.default_rng(14)
+    users, table = float_data(rng, 3, 30, 4)
+    index = TopK(table, chunk_size=8)
+    for bad in ([[31], None, None], [None, [-1], None], [[1], [2]], [[1]] * 4):
+        for name in ("exclude", "candidates"):
+            with pytest.raises(ValueError, match=name):
+                index(users, 2, **{name: bad})
+            with pytest.raises(ValueError, match=name):
+                index(users, 0, **{name: bad})  # checked even when nothing is returned
+
+
+def test_per_query_options_do_not_rebuild_the_index(monkeypatch):
+    rng = np.random.default_rng(15)
+    users, table = float_data(rng, 6, 3000, 8)
+    histories = rng.integers(0, 3001, (6, 30))
+    exclude = [rng.integers(1, 3001, 20)] * 3 + [None] * 3
+    candidates = [rng.integers(1, 3001, 500) for _ in range(6)]
+    index = TopK(table, chunk_size=256)
+    assert index.is_exact() is True
+    want = index(users, 10, histories=histories, exclude=exclude, candidates=candidates)
+    vectors, items, positions = index.vectors, index.items, index._positions
+
+    def rebuild(*args, **kwargs):
+        raise AssertionError("a per-query option re-indexed the catalog")
+
+    monkeypatch.setattr(np.random, "default_rng", rebuild)  # the index's permutation
+    monkeypatch.setattr(TopK, "__init__", rebuild)
+    streams = []
+    stream = TopK._stream
+    monkeypatch.setattr(TopK, "_stream", lambda self, *a, **kw: streams.append(1)
+                        or stream(self, *a, **kw))
+    assert_same(index(users, 10, histories=histories, exclude=exclude, candidates=candidates),
+                want)
+    assert streams == []  # rows with candidates never scan the catalog
+    index(users, 10, histories=histories, exclude=exclude)
+    assert len(streams) == 1  # rows without candidates: one streaming pass, as without options
+    assert index.vectors is vectors and index.items is items and index._positions is positions
+
+
+def test_per_query_exclusions_reach_the_exact_search(monkeypatch):
+    # 40 tied duplicates around the k-th place force the exact search (see the three paths
+    # test); a row's exclusions must hold there too
+    rng = np.random.default_rng(4)
+    users = rng.standard_normal((3, 8), dtype=np.float32)
+    table = np.vstack([np.zeros((1, 8), np.float32),
+                       rng.standard_normal((400, 8), dtype=np.float32) * 0.1])
+    table[1:7] = users.sum(0) * 2
+    table[200:240] = users.sum(0)
+    exclude = [np.arange(200, 215), None, np.array([1, 2, 230])]
+    want = brute_top_k(all_scores(users, table), options_mask(allowed_mask(3, 400), exclude, None),
+                       10)
+    for chunk in (3, 64, 1000):
+        calls = _spy_paths(monkeypatch)
+        assert_same(TopK(table, chunk_size=chunk)(users, 10, exclude=exclude), want)
+        assert ("search", 3) in calls
+        monkeypatch.undo()
+
+
+@st.composite
+def query_problems(draw):
+    users, table, histories, exclude, candidates, k, chunk = draw(problems())
+    num_users, num_items = users.shape[0], table.shape[0] - 1
+    per_row = st.lists(st.none() | st.lists(st.integers(0, num_items), max_size=8),
+                       min_size=num_users, max_size=num_users)
+    return users, table, histories, exclude, candidates, draw(per_row), draw(per_row), k, chunk
+
+
+@settings(max_examples=50, deadline=None)
+@given(query_problems())
+def test_per_query_options_property(problem):
+    users, table, histories, base_ex, base_cand, exclude, candidates, k, chunk = problem
+    num_users, num_items = users.shape[0], table.shape[0] - 1
+    ok = options_mask(allowed_mask(num_users, num_items, histories, base_ex, base_cand),
+                      exclude, candidates)
+    index = TopK(table, exclude_items=base_ex, candidates=base_cand, chunk_size=chunk)
+    got = index(users, k, histories=histories, exclude=exclude, candidates=candidates)
+    assert_same(got, brute_top_k(all_scores(users, table), ok, k))
+    assert_same(got, per_row_indexes(users, table, k, histories, exclude, candidates, base_ex,
+                                     base_cand, chunk))
 
 
 # -----------------------------------------------------------------------------

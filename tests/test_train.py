@@ -9,19 +9,19 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from ezsasrec_ray.data import load_prepared, prepare
+from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.evaluate import evaluate
+from ezsasrec_ray.fit import Adam, make_train_step
 from ezsasrec_ray.model_io import load_model
+from ezsasrec_ray.prepare import prepare
 from ezsasrec_ray.synth import synth
 from ezsasrec_ray.train import (
-    Adam,
     TrainConfig,
     _restore_checkpoint,
     _save_checkpoint,
     build_optimizer,
     epoch_batches,
-    make_train_step,
     train,
 )
 
@@ -126,7 +126,7 @@ def _latest_state(storage, run_name):
 @pytest.mark.parametrize("options, message", [
     ({"dim": 10, "heads": 3}, "dim"),
     ({"maxlen": 1}, "maxlen"),
-    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"loss": "hinge"}, "--loss must be one of .*; got 'hinge'"),
     ({"epochs": 0}, "--epochs"),
 ])
 def test_bad_configs_fail_before_workers(prepared, tmp_path, options, message):
@@ -219,7 +219,7 @@ def test_optimizer_choice(options, expected):
 
 
 def test_bad_optimizer_name():
-    with pytest.raises(EzSASRecError, match="--optimizer: unknown value 'sgd'"):
+    with pytest.raises(EzSASRecError, match="--optimizer must be one of auto, adam, lazy_adam; got 'sgd'"):
         TrainConfig(optimizer="sgd")
     with pytest.raises(EzSASRecError, match="--optimizer lazy_adam: not with --xla"):
         TrainConfig(optimizer="lazy_adam", xla=True)
@@ -283,7 +283,7 @@ def test_holdout_test_trains_on_validation_targets_without_validation(prepared, 
     assert result["fitted_on"] == "holdout test"
     with pytest.raises(EzSASRecError, match="trained on these targets"):
         evaluate(prepared, str(out), split="valid")
-    with pytest.raises(EzSASRecError, match="--holdout: unknown value 'all'"):
+    with pytest.raises(EzSASRecError, match="--holdout must be one of valid, test, none; got 'all'"):
         train(prepared, str(tmp_path / "bad"), holdout="all")
 
 
@@ -297,5 +297,5 @@ def test_cosine_schedule_by_epochs_or_time_budget():
     budget = TrainConfig(epochs=1000, lr_schedule="cosine", time_budget_s=600)
     assert budget.lr_factor(3, 300.0) == pytest.approx(0.5)  # time is the larger progress
     assert budget.lr_factor(3, 900.0) == pytest.approx(0.0)
-    with pytest.raises(EzSASRecError, match="--lr-schedule: unknown value 'step'"):
+    with pytest.raises(EzSASRecError, match="--lr-schedule must be one of constant, cosine; got 'step'"):
         TrainConfig(lr_schedule="step")

@@ -1,22 +1,6 @@
 """Prepare: raw interaction logs -> k-core-filtered, encoded per-user sequences, on Ray Data.
 
-A *prepared dataset* is a directory that every later stage reads::
-
-    manifest.json   format version, source, column mapping, options, per-round k-core
-                    counts, dropped-row counts, vocabulary sizes, created-at, content hashes
-    users/part-0.parquet   raw_id, index, count       (index 1..U; 0 is padding)
-    items/part-0.parquet   raw_id, index, count       (index 1..N; 0 is padding)
-    sequences/*.parquet    one row per user:
-        user_index    int32
-        user_id       the raw id (int64 or string, as in the log)
-        item_indices  list<int32>, time order (ties keep input order)
-        timestamps    list<int64> unix milliseconds (only when the log has time)
-        n_events      int32
-        n_train       int32  events the model may train on: leave-one-out -> n_events - 2
-                             (the 2nd last is the validation target, the last the test
-                             target); time split -> events at or before the cutoff
-        train_only    bool   no held-out target (loo: fewer than 3 events; time: nothing
-                             after the cutoff)
+The output is a prepared dataset (layout: :mod:`.dataset`).
 
 Vocabularies are ordered by count descending, then raw id, so the same input and options
 always give byte-identical ``users/`` and ``items/`` files.
@@ -52,14 +36,11 @@ write (a shared filesystem); the final rename that makes the output appear is at
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -67,59 +48,65 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import outputs
+from .dataset import FORMAT_VERSION, hash_tree
 from .errors import EzSASRecError, PrepareError, find_user_error
-from .readers import LogSpec, list_input_files, read_file
+from .options import check_instance, option
+from .readers import FORMATS, MS_THRESHOLD, LogSpec, list_input_files, read_file
+from .runtime import cluster_cpus, init_ray, keyed_stats_actor
 
-FORMAT_VERSION = 1
 SEQUENCE_ROW_GROUP = 65536  # users per Parquet row group of the sequence files
-SEQUENCE_COLUMNS = ("user_index", "user_id", "item_indices", "n_events", "n_train", "train_only")
 
 
 @dataclass
 class PrepareConfig:
     """Options of ``prepare``; validated on construction."""
 
-    input: str
-    output: str
-    format: str | None = None
-    user_col: str | None = None
-    item_col: str | None = None
-    time_col: str | None = None
-    delimiter: str | None = None
-    header: bool | None = None
-    k_core: int | None = None  # sets both min_user and min_item
-    min_user: int = 5
-    min_item: int = 5
-    max_history: int | None = None
-    dedupe: bool = False
-    split: str = "loo"  # loo | time
-    cutoff: Any = None  # time split: unix seconds/ms or ISO-8601
-    on_bad_lines: str = "error"
-    overwrite: bool = False
-    num_partitions: int | None = None  # shuffle partitions; default sized to cluster and data
-    max_rounds: int = 100
+    input: str = option(MISSING, "file, directory, glob or URI (s3://, gs://, file://) of the "
+                                 "raw log")
+    output: str = option(MISSING, "prepared-dataset directory to write", yaml=False)
+    format: str | None = option(None, "input format (default: from the file extension)",
+                                choices=FORMATS)
+    user_col: str | None = option(None, "user column name or 0-based position (default: "
+                                        "detected)")
+    item_col: str | None = option(None, "item column name or 0-based position (default: "
+                                        "detected)")
+    time_col: str | None = option(None, "time column name or position; 'none' for file order "
+                                        "(default: detected)")
+    delimiter: str | None = option(None, "text delimiter (default: detected)")
+    header: bool | None = option(None, "text has a header line: true/false (default: detected)")
+    k_core: int | None = option(None, "sets both --min-user and --min-item (default: unset)",
+                                min=1)
+    min_user: int = option(5, "drop users with fewer events (repeated to a fixed point)", min=1)
+    min_item: int = option(5, "drop items with fewer events", min=1)
+    max_history: int | None = option(None, "keep each user's most recent N events (default: "
+                                           "all)", min=1)
+    dedupe: bool = option(False, "drop exact duplicate (user, item, time) events")
+    split: str = option("loo", "loo: last event = test, second last = validation; time: events "
+                               "after --cutoff are held out", choices=("loo", "time"))
+    cutoff: Any = option(None, "time split cutoff: unix seconds/ms or ISO-8601 (default: "
+                               "none; needed by --split time)")
+    on_bad_lines: str = option("error", "error, or skip bad lines (counted in the manifest)",
+                               choices=("error", "skip"))
+    overwrite: bool = option(False, "replace an existing output", yaml=False)
+    num_partitions: int | None = option(None, "shuffle partitions (default: sized to the cluster "
+                                              "and the data)", min=1)
+    max_rounds: int = option(100, "k-core rounds before giving up", min=1)
+    verbose: bool = option(True, "print progress and the summary table")
 
     def __post_init__(self):
+        try:
+            check_instance(self)
+        except EzSASRecError as exc:  # prepare's errors are PrepareErrors
+            raise PrepareError(exc.message) from None
         if self.k_core is not None:
-            if self.k_core < 1:
-                raise PrepareError(f"--k-core must be >= 1, got {self.k_core}")
             self.min_user = self.min_item = int(self.k_core)
-        for name in ("min_user", "min_item"):
-            if getattr(self, name) < 1:
-                raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, "
-                                   f"got {getattr(self, name)}")
-        if self.max_history is not None and self.max_history < 1:
-            raise PrepareError(f"--max-history must be >= 1, got {self.max_history}")
-        if self.split not in ("loo", "time"):
-            raise PrepareError(f"--split: unknown split {self.split!r}; use 'loo' or 'time'")
         if self.split == "time":
             if self.cutoff is None:
                 raise PrepareError("--split time needs --cutoff T (unix time or ISO-8601)")
             self.cutoff_ms = parse_time_value(self.cutoff, "--cutoff")
         elif self.cutoff is not None:
             raise PrepareError("--cutoff is only used with --split time")
-        if self.num_partitions is not None and self.num_partitions < 1:
-            raise PrepareError(f"--num-partitions must be >= 1, got {self.num_partitions}")
         self.log_spec = LogSpec(format=self.format, user_col=self.user_col,
                                 item_col=self.item_col, time_col=self.time_col,
                                 delimiter=self.delimiter, header=self.header,
@@ -128,15 +115,13 @@ class PrepareConfig:
     def options(self) -> dict:
         """The options that define the output (for the manifest and re-run checks)."""
         data = asdict(self)
-        for key in ("input", "output", "overwrite", "num_partitions", "max_rounds"):
+        for key in ("input", "output", "overwrite", "num_partitions", "max_rounds", "verbose"):
             data.pop(key)
         return data
 
 
 def parse_time_value(value, name: str) -> int:
     """Unix seconds, unix milliseconds or an ISO-8601 string -> unix milliseconds."""
-    from .readers import MS_THRESHOLD
-
     text = str(value).strip()
     try:
         number = float(text)
@@ -153,25 +138,10 @@ def parse_time_value(value, name: str) -> int:
     return int(round(parsed.timestamp() * 1000))
 
 
-# --------------------------------------------------------------------------------------------
-# Ray plumbing
 
 
-def init_ray(address: str | None = None):
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; reuse if running."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        kwargs = {"address": address} if address else {"include_dashboard": False}
-        ray.init(log_to_driver=True, configure_logging=False, **kwargs)
-    return ray
 
 
-def _cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -185,23 +155,6 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def keyed_stats_actor(**actor_options):
-    """A tiny actor that stores stats by key (file, batch...), so a retried task that records
-    its stats again replaces them instead of counting twice."""
-    import ray
-
-    @ray.remote(num_cpus=0, **actor_options)
-    class KeyedStats:
-        def __init__(self):
-            self.entries = {}
-
-        def record(self, key, stats):
-            self.entries[key] = stats
-
-        def get(self):
-            return self.entries
-
-    return KeyedStats.remote()
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,12 +346,6 @@ def _build_sequences(group: dict, raw_users: pa.Array, has_time: bool, split: st
 # Output helpers
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_vocab(directory: str, raw_ids: pa.Array, counts: np.ndarray):
@@ -407,29 +354,6 @@ def _write_vocab(directory: str, raw_ids: pa.Array, counts: np.ndarray):
                       "index": pa.array(np.arange(1, len(raw_ids) + 1, dtype=np.int32)),
                       "count": pa.array(counts.astype(np.int64))})
     pq.write_table(table, os.path.join(directory, "part-0.parquet"), compression="zstd")
-
-
-def _prepare_output_dir(output: str, overwrite: bool) -> str:
-    if "://" in output and not output.startswith("file://"):
-        raise PrepareError(f"--output {output}: write the prepared dataset to a local or shared "
-                           "filesystem path (atomic rename needs one)")
-    output = output.removeprefix("file://")
-    if os.path.exists(output) and not overwrite:
-        raise PrepareError(f"--output {output}: already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def publish_directory(tmp: str, output: str):
-    """Atomically replace ``output`` with the finished ``tmp`` directory."""
-    old = None
-    if os.path.exists(output):
-        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(output, old)
-    os.rename(tmp, output)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _vocab_order(counts: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -449,9 +373,12 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
     Args mirror ``ezsasrec prepare`` (see :class:`PrepareConfig`). Returns the manifest.
     Raises :class:`PrepareError` with a one-line message on bad input.
     """
-    config = PrepareConfig(input=input, output=output, **options)
+    config = PrepareConfig(input=input, output=output, verbose=verbose, **options)
     files = list_input_files(config.input)  # bad paths fail before Ray starts
-    tmp = _prepare_output_dir(config.output, config.overwrite)
+    try:
+        tmp = outputs.start(config.output, overwrite=config.overwrite)
+    except EzSASRecError as exc:  # prepare's errors are PrepareErrors
+        raise PrepareError(exc.message) from None
     init_ray(address)
     try:
         return _prepare(config, files, tmp, verbose)
@@ -461,13 +388,11 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
             raise type(user_error)(user_error.message) from None
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only left if we failed before publishing
+        outputs.discard(tmp)  # gone already once published
 
 
 def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -> dict:
-    import ray
-    import ray.data
-
+    """The stage's steps, each timed; writes into ``tmp`` and publishes it."""
     started = time.time()
     timings: dict[str, float] = {}
 
@@ -475,19 +400,47 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
         if verbose:
             print(message, flush=True)
 
-    # 1. Read ---------------------------------------------------------------------------------
+    def timed(name, step, *args):
+        t = time.time()
+        out = step(*args)
+        timings[name] = time.time() - t
+        return out
+
+    raw, file_stats = timed("read_s", _read_step, config, files)
+    log(f"read {len(files)} file(s) in {timings['read_s']:.1f}s")
+    users, items, totals = timed("distinct_s", _distinct_step, config, raw)
+    encoded = timed("encode_s", _encode_step, raw, users, items)
+    del raw
+    kcore = timed("kcore_s", _kcore_step, config, encoded, users.num_rows, items.num_rows, log)
+    vocab, seq_stats, partitions = timed("sequences_s", _sequences_step, config, encoded,
+                                         users, items, kcore, totals["has_time"], tmp)
+    del encoded
+    timings["total_s"] = time.time() - started
+    manifest = _manifest(config, files, file_stats, totals, kcore, vocab, seq_stats,
+                         partitions, timings, tmp)
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False, default=str)
+    outputs.publish(tmp, config.output, kind="prepared", overwrite=config.overwrite)
+    log(format_summary(manifest))
+    return manifest
+
+
+def _read_step(config: PrepareConfig, files: list[str]):
+    """One Ray Data task per file -> (materialized raw blocks, per-file stats)."""
+    import ray
+    import ray.data
+
     stats_actor = keyed_stats_actor()
     file_rows = [{"uri": uri, "file_index": index} for index, uri in enumerate(files)]
     raw = (ray.data.from_items(file_rows, override_num_blocks=len(file_rows))
            .map_batches(_read_files, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"spec": config.log_spec, "stats_actor": stats_actor})
            .materialize())
-    file_stats = ray.get(stats_actor.get.remote())
-    timings["read_s"] = time.time() - started
-    log(f"read {len(files)} file(s) in {timings['read_s']:.1f}s")
+    return raw, ray.get(stats_actor.get.remote())
 
-    # 2. Distinct ids -------------------------------------------------------------------------
-    t = time.time()
+
+def _distinct_step(config: PrepareConfig, raw):
+    """Distinct user and item ids with counts (merged on the driver) and row totals."""
     user_merger, item_merger = _IdMerger(), _IdMerger()
     totals = {"rows": 0, "null_user": 0, "null_item": 0, "dropped_null": 0, "timed_rows": 0}
     for batch in raw.map_batches(_partial_id_counts, batch_size=None,
@@ -498,45 +451,34 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
         for row in range(len(batch["rows"])):
             user_merger.add(_from_ipc(batch["users"][row]))
             item_merger.add(_from_ipc(batch["items"][row]))
-    users, items = user_merger.result(), item_merger.result()
-    bad_lines = sum(s.get("bad_lines", 0) for s in file_stats.values())
-    rows_read = totals["rows"]
-    valid_rows = rows_read - totals["dropped_null"]
-    if valid_rows == 0:
-        raise PrepareError(f"{config.input}: no usable rows (read {rows_read}, all with a null "
-                           "user or item)")
-    has_time = totals["timed_rows"] > 0
-    if config.split == "time" and not has_time:
+    if totals["rows"] == totals["dropped_null"]:
+        raise PrepareError(f"{config.input}: no usable rows (read {totals['rows']}, all with a "
+                           "null user or item)")
+    totals["has_time"] = totals["timed_rows"] > 0
+    if config.split == "time" and not totals["has_time"]:
         raise PrepareError(f"{config.input}: --split time needs a time column; none was found")
-    timings["distinct_s"] = time.time() - t
+    return user_merger.result(), item_merger.result(), totals
 
-    # 3. Encode -------------------------------------------------------------------------------
-    t = time.time()
+
+def _encode_step(raw, users: pa.Table, items: pa.Table):
+    """Raw ids -> int32 codes (the sorted id arrays broadcast once), materialized."""
+    import ray
+
     users_ref, items_ref = ray.put(users["id"].combine_chunks()), ray.put(
         items["id"].combine_chunks())
-    encoded = raw.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
-                              fn_kwargs={"users_ref": users_ref, "items_ref": items_ref}
-                              ).materialize()
-    del raw
-    timings["encode_s"] = time.time() - t
-    num_users, num_items = users.num_rows, items.num_rows
+    return raw.map_batches(_encode_block, batch_size=None, batch_format="pyarrow",
+                           fn_kwargs={"users_ref": users_ref, "items_ref": items_ref}
+                           ).materialize()
 
-    # 4. k-core rounds ------------------------------------------------------------------------
-    t = time.time()
-    alive_users = np.ones(num_users, bool)
-    alive_items = np.ones(num_items, bool)
+
+def _kcore_step(config: PrepareConfig, encoded, num_users: int, num_items: int, log) -> dict:
+    """k-core rounds until nothing changes -> alive masks, final counts and the rounds."""
+    import ray
+
+    alive_users, alive_items = np.ones(num_users, bool), np.ones(num_items, bool)
     rounds = []
     for round_number in range(1, config.max_rounds + 1):
-        alive_ref = ray.put((alive_users, alive_items))
-        user_counts = np.zeros(num_users, np.int64)
-        item_counts = np.zeros(num_items, np.int64)
-        passes = encoded.map_batches(
-            _core_counts, batch_size=None, batch_format="numpy",
-            fn_kwargs={"alive_ref": alive_ref, "num_users": num_users, "num_items": num_items})
-        for batch in passes.iter_batches(batch_size=None, batch_format="numpy"):
-            for row in range(len(batch["users"])):
-                user_counts += np.frombuffer(batch["users"][row], np.int64)
-                item_counts += np.frombuffer(batch["items"][row], np.int64)
+        user_counts, item_counts = _count_alive(encoded, alive_users, alive_items, ray)
         record = {"round": round_number, "events": int(user_counts.sum()),
                   "users": int(alive_users.sum()), "items": int(alive_items.sum())}
         new_users = alive_users & (user_counts >= config.min_user)
@@ -555,32 +497,68 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
         raise PrepareError(
             f"{config.input}: nothing survives the k-core filter (min_user={config.min_user}, "
             f"min_item={config.min_item}); lower --k-core")
-    timings["kcore_s"] = time.time() - t
+    return {"alive_users": alive_users, "alive_items": alive_items, "rounds": rounds,
+            "user_counts": user_counts, "item_counts": item_counts}
 
-    # 5. Vocabularies and sequences -------------------------------------------------------------
-    t = time.time()
-    user_order = _vocab_order(user_counts, alive_users)
-    item_order = _vocab_order(item_counts, alive_items)
-    user_map = np.zeros(num_users, np.int32)
-    user_map[user_order] = np.arange(1, len(user_order) + 1, dtype=np.int32)
-    item_map = np.zeros(num_items, np.int32)
-    item_map[item_order] = np.arange(1, len(item_order) + 1, dtype=np.int32)
-    raw_user_ids = _final_ids(users["id"], user_order)
-    raw_item_ids = _final_ids(items["id"], item_order)
-    events_kept = int(user_counts.sum())
-    partitions = config.num_partitions or max(_cluster_cpus(), math.ceil(events_kept / 2_000_000))
-    _write_vocab(os.path.join(tmp, "users"), raw_user_ids, user_counts[user_order])
-    _write_vocab(os.path.join(tmp, "items"), raw_item_ids, item_counts[item_order])
-    seq_dir = os.path.join(tmp, "sequences")
+
+def _count_alive(encoded, alive_users, alive_items, ray) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: each block counts its events whose user and item are both alive."""
+    num_users, num_items = alive_users.size, alive_items.size
+    alive_ref = ray.put((alive_users, alive_items))
+    user_counts = np.zeros(num_users, np.int64)
+    item_counts = np.zeros(num_items, np.int64)
+    passes = encoded.map_batches(
+        _core_counts, batch_size=None, batch_format="numpy",
+        fn_kwargs={"alive_ref": alive_ref, "num_users": num_users, "num_items": num_items})
+    for batch in passes.iter_batches(batch_size=None, batch_format="numpy"):
+        for row in range(len(batch["users"])):
+            user_counts += np.frombuffer(batch["users"][row], np.int64)
+            item_counts += np.frombuffer(batch["items"][row], np.int64)
+    return user_counts, item_counts
+
+
+def _sequences_step(config: PrepareConfig, encoded, users: pa.Table, items: pa.Table,
+                    kcore: dict, has_time: bool, tmp: str):
+    """Vocabularies in count order, then one two-stage shuffle by user into sequence files."""
+    user_order = _vocab_order(kcore["user_counts"], kcore["alive_users"])
+    item_order = _vocab_order(kcore["item_counts"], kcore["alive_items"])
+    vocab = {"raw_user_ids": _final_ids(users["id"], user_order),
+             "raw_item_ids": _final_ids(items["id"], item_order),
+             "events_after_kcore": int(kcore["user_counts"].sum())}
+    _write_vocab(os.path.join(tmp, "users"), vocab["raw_user_ids"],
+                 kcore["user_counts"][user_order])
+    _write_vocab(os.path.join(tmp, "items"), vocab["raw_item_ids"],
+                 kcore["item_counts"][item_order])
+    partitions = config.num_partitions or max(
+        cluster_cpus(), math.ceil(vocab["events_after_kcore"] / 2_000_000))
+    options = {"has_time": has_time, "split": config.split,
+               "cutoff_ms": getattr(config, "cutoff_ms", None),
+               "max_history": config.max_history, "dedupe": config.dedupe}
+    seq_stats = _shuffle_to_sequences(encoded, _index_map(user_order, users.num_rows),
+                                      _index_map(item_order, items.num_rows),
+                                      vocab["raw_user_ids"], options, partitions,
+                                      os.path.join(tmp, "sequences"))
+    return vocab, seq_stats, partitions
+
+
+def _index_map(order: np.ndarray, size: int) -> np.ndarray:
+    """code -> final index (1..n in ``order``), 0 for codes filtered out."""
+    out = np.zeros(size, np.int32)
+    out[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return out
+
+
+def _shuffle_to_sequences(encoded, user_map, item_map, raw_user_ids, options: dict,
+                          partitions: int, seq_dir: str) -> dict:
+    """Map tasks cut each block by ``user % partitions``; each reduce task writes one file."""
+    import ray
+
     os.makedirs(seq_dir)
     split_block = ray.remote(num_returns=partitions)(_split_for_shuffle)
     maps = [ray.put(user_map), ray.put(item_map)]
     pieces = [split_block.remote(block, *maps, partitions) for block in encoded.to_arrow_refs()]
     if partitions == 1:
         pieces = [[piece] for piece in pieces]
-    options = {"has_time": has_time, "split": config.split,
-               "cutoff_ms": getattr(config, "cutoff_ms", None),
-               "max_history": config.max_history, "dedupe": config.dedupe}
     raw_users_ref = ray.put(raw_user_ids)
     write = ray.remote(_write_partition)
     seq_stats = {"duplicates": 0, "truncated": 0, "events": 0, "users": 0, "train_only": 0}
@@ -591,68 +569,58 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
     ]):
         for key in seq_stats:
             seq_stats[key] += stats[key]
-    del pieces, encoded
-    timings["sequences_s"] = time.time() - t
-    timings["total_s"] = time.time() - started
+    return seq_stats
 
-    # 6. Manifest, then the atomic rename -----------------------------------------------------
-    columns = next(iter(file_stats.values()), {}).get("columns", {})
+
+def _manifest(config: PrepareConfig, files, file_stats, totals, kcore, vocab, seq_stats,
+              partitions, timings, tmp) -> dict:
+    """manifest.json: where the data came from, what was dropped and why, content hashes."""
+    alive_users, alive_items = kcore["alive_users"], kcore["alive_items"]
     counts = {
-        "rows_read": rows_read,
-        "bad_lines_skipped": bad_lines,
+        "rows_read": totals["rows"],
+        "bad_lines_skipped": sum(s.get("bad_lines", 0) for s in file_stats.values()),
         "dropped_null_user": totals["null_user"],
         "dropped_null_item": totals["null_item"],
         "dropped_null_rows": totals["dropped_null"],
-        "events_after_nulls": valid_rows,
-        "events_after_kcore": events_kept,
+        "events_after_nulls": totals["rows"] - totals["dropped_null"],
+        "events_after_kcore": vocab["events_after_kcore"],
         "duplicates_dropped": seq_stats["duplicates"],
         "truncated_by_max_history": seq_stats["truncated"],
         "events_kept": seq_stats["events"],
-        "users_kept": len(user_order),
-        "items_kept": len(item_order),
-        "users_before": num_users,
-        "items_before": num_items,
+        "users_kept": int(alive_users.sum()),
+        "items_kept": int(alive_items.sum()),
+        "users_before": alive_users.size,
+        "items_before": alive_items.size,
         "users_train_only": seq_stats["train_only"],
     }
-    manifest = {
+    raw_user_ids, raw_item_ids = vocab["raw_user_ids"], vocab["raw_item_ids"]
+    return {
         "format_version": FORMAT_VERSION,
         "kind": "ezsasrec_ray.prepared",
         "source": {"input": config.input, "files": files,
                    "file_stats": {k: {kk: vv for kk, vv in v.items() if kk != "columns"}
                                   for k, v in file_stats.items()}},
-        "columns": columns,
-        "has_time": has_time,
-        "time_unit": "ms" if has_time else None,
+        "columns": next(iter(file_stats.values()), {}).get("columns", {}),
+        "has_time": totals["has_time"],
+        "time_unit": "ms" if totals["has_time"] else None,
         "options": config.options(),
         "split": config.split,
         "cutoff_ms": getattr(config, "cutoff_ms", None),
-        "kcore_rounds": rounds,
+        "kcore_rounds": kcore["rounds"],
         "counts": counts,
-        "vocab": {"num_users": len(user_order), "num_items": len(item_order),
+        "vocab": {"num_users": len(raw_user_ids), "num_items": len(raw_item_ids),
                   "user_id_type": str(raw_user_ids.type), "item_id_type": str(raw_item_ids.type)},
         "partitions": partitions,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "content_hashes": _hash_tree(tmp),
+        "content_hashes": hash_tree(tmp),
     }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False, default=str)
-    publish_directory(tmp, config.output.removeprefix("file://"))
-    log(format_summary(manifest))
-    return manifest
 
 
 def _final_ids(sorted_ids: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
     return sorted_ids.combine_chunks().take(pa.array(order))
 
 
-def _hash_tree(root: str) -> dict:
-    hashes = {}
-    for directory, _, names in os.walk(root):
-        for name in sorted(names):
-            path = os.path.join(directory, name)
-            hashes[os.path.relpath(path, root)] = sha256_file(path)
-    return dict(sorted(hashes.items()))
 
 
 def format_summary(manifest: dict) -> str:
@@ -680,187 +648,3 @@ def format_summary(manifest: dict) -> str:
     ]
     width = max(len(line) for line in lines)
     return "\n".join(["prepare summary", "-" * width, *lines])
-
-
-# --------------------------------------------------------------------------------------------
-# Roles of each event: one place that says what is trained on and what is held out
-
-
-def list_prefixes(lists: pa.Array, lengths: np.ndarray) -> pa.ListArray:
-    """The first ``lengths[b]`` items of each row of a list array (vectorized take)."""
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    lengths = np.minimum(np.asarray(lengths, np.int64), np.diff(offsets))
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    take = np.repeat(offsets[:-1] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    values = lists.values.take(pa.array(take)) if len(take) else lists.values.slice(0, 0)
-    return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), values)
-
-
-HOLDOUTS = ("valid", "test", "none")
-
-
-def check_holdout(holdout: str) -> str:
-    """``holdout`` if it is one of HOLDOUTS, else a one-line error."""
-    if holdout not in HOLDOUTS:
-        raise EzSASRecError(f"--holdout: unknown value {holdout!r}; use one of {HOLDOUTS}")
-    return holdout
-
-
-def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> np.ndarray:
-    """How many of each user's first items a model (or baseline) may be fitted on.
-
-    ``holdout="valid"`` (the default): ``n_train``, both held-out targets kept out, so the
-    validation metrics are honest. ``"test"``: every item before the test target (leave-one-out
-    adds the validation target; a time split has one target, so it equals ``"valid"``): the
-    final model for a test-split evaluation, fitted on what the baselines of that evaluation
-    see. ``"none"``: every event (the production model; no held-out metrics are valid).
-    """
-    check_holdout(holdout)
-    n_train = table["n_train"].to_numpy().astype(np.int64)
-    if holdout == "none":
-        return table["n_events"].to_numpy().astype(np.int64)
-    if holdout == "test" and kind == "loo":  # time split: the one target is the test one too
-        train_only = table["train_only"].to_numpy(zero_copy_only=False)
-        return np.where(train_only, n_train, n_train + 1)  # n_train = n_events - 2 otherwise
-    return n_train
-
-
-def training_sequences(table: pa.Table, holdout: str = "valid", kind: str = "loo"
-                       ) -> pa.ListArray:
-    """What the model trains on: each user's first :func:`fit_lengths` items."""
-    return list_prefixes(table["item_indices"], fit_lengths(table, holdout, kind))
-
-
-def holdout_examples(table: pa.Table, split: str, kind: str) -> tuple:
-    """Held-out next-item examples: ``(user_index (B,), histories ListArray, targets (B,))``.
-
-    Leave-one-out: ``split="valid"`` predicts the second last item from the ones before it,
-    ``"test"`` the last item from all before it. Time split (``kind="time"``): both predict
-    the first event after the cutoff from the events up to it. Users without a held-out
-    target (``train_only``) are left out.
-    """
-    if split not in ("valid", "test"):
-        raise EzSASRecError(f"--split: unknown evaluation split {split!r}; use valid or test")
-    table = table.filter(pc.invert(table["train_only"]))
-    n_events = table["n_events"].to_numpy().astype(np.int64)
-    if kind == "time":
-        history_len = table["n_train"].to_numpy().astype(np.int64)
-        keep = history_len >= 1
-        table, n_events, history_len = table.filter(pa.array(keep)), n_events[keep], \
-            history_len[keep]
-    else:
-        history_len = n_events - (2 if split == "valid" else 1)
-    items = table["item_indices"].combine_chunks()
-    offsets = items.offsets.to_numpy().astype(np.int64)
-    targets = items.values.to_numpy()[offsets[:-1] + history_len]
-    return (table["user_index"].to_numpy(), list_prefixes(items, history_len),
-            targets.astype(np.int32))
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass
-class PreparedDataset:
-    """An opened prepared-dataset directory (see the module docstring for its layout)."""
-
-    path: str
-    manifest: dict
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def num_users(self) -> int:
-        return self.manifest["vocab"]["num_users"]
-
-    @property
-    def num_items(self) -> int:
-        return self.manifest["vocab"]["num_items"]
-
-    @property
-    def has_time(self) -> bool:
-        return bool(self.manifest["has_time"])
-
-    def users(self) -> pa.Table:
-        """User vocabulary: raw_id, index, count (index order)."""
-        return self._vocab("users")
-
-    def items(self) -> pa.Table:
-        """Item vocabulary: raw_id, index, count (index order)."""
-        return self._vocab("items")
-
-    def _vocab(self, name: str) -> pa.Table:
-        if name not in self._cache:
-            self._cache[name] = pq.read_table(os.path.join(self.path, name))
-        return self._cache[name]
-
-    @property
-    def sequences_path(self) -> str:
-        return os.path.join(self.path, "sequences")
-
-    def sequences(self, columns=None) -> pa.Table:
-        """All sequence rows in one pyarrow table, sorted by user_index (small data)."""
-        table = pq.read_table(self.sequences_path, columns=columns)
-        if "user_index" in table.column_names:
-            table = table.sort_by("user_index")
-        return table
-
-    def sequences_dataset(self, columns=None):
-        """The sequences as a Ray Dataset (parallel Parquet reads)."""
-        import ray.data
-
-        dataset = ray.data.read_parquet(self.sequences_path)
-        return dataset.select_columns(columns) if columns else dataset
-
-    @property
-    def split_kind(self) -> str:
-        return self.manifest["split"]
-
-    def training_sequences(self, holdout: str = "valid") -> pa.ListArray:
-        """Every user's training items (see :func:`fit_lengths`), in user_index order."""
-        return training_sequences(self.sequences(
-            ["user_index", "item_indices", "n_events", "n_train", "train_only"]), holdout,
-            self.split_kind)
-
-    def holdout_examples(self, split: str = "test") -> tuple:
-        """``(user_index, histories, targets)`` for evaluation; see :func:`holdout_examples`."""
-        return holdout_examples(self.sequences(), split, self.split_kind)
-
-    def vocab_fingerprint(self) -> str:
-        """Hash of both vocabularies: models trained on this data record it."""
-        hashes = self.manifest["content_hashes"]
-        joined = "".join(hashes[k] for k in sorted(hashes) if k.startswith(("users/", "items/")))
-        return hashlib.sha256(joined.encode()).hexdigest()
-
-    def verify(self):
-        """Recompute the content hashes; raise if any file differs from the manifest."""
-        actual = _hash_tree(self.path)
-        actual.pop("manifest.json", None)
-        if actual != self.manifest["content_hashes"]:
-            raise EzSASRecError(f"{self.path}: files differ from manifest.json content hashes")
-
-
-def load_prepared(path: str) -> PreparedDataset:
-    """Open a prepared dataset, checking that it is complete and of a known format version."""
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.isdir(path):
-        raise EzSASRecError(f"{path}: prepared dataset not found")
-    if not os.path.exists(manifest_path):
-        raise EzSASRecError(f"{path}: not a prepared dataset (no manifest.json)")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except ValueError as exc:
-        raise EzSASRecError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION or manifest.get("kind") != "ezsasrec_ray.prepared":
-        raise EzSASRecError(f"{manifest_path}: format_version {version!r} is not supported "
-                            f"(expected {FORMAT_VERSION}); re-run prepare")
-    for name in ("users", "items", "sequences"):
-        if not os.path.isdir(os.path.join(path, name)):
-            raise EzSASRecError(f"{path}: incomplete prepared dataset ({name}/ missing)")
-    if manifest["vocab"]["num_items"] < 1:
-        raise EzSASRecError(f"{path}: empty prepared dataset (no items)")
-    return PreparedDataset(path=path, manifest=manifest)
