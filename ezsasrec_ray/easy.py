@@ -2,33 +2,13 @@
 
     from ezsasrec_ray.easy import filter_k_core, SASRecDataSet, load_model, SASREC, WarpSampler
 
-Same names, arguments, meanings and return shapes as ezSASRec (github.com/beomso0/ezSASRec,
-``sasrec.util`` / ``sasrec.model`` / ``sasrec.sampler``), backed by this package:
-
-* the model is :class:`ezsasrec_ray.model.SASRec` (``SASREC.sasrec``); its
-  ``user_embeddings`` represents a user everywhere;
-* training reuses :func:`ezsasrec_ray.train.epoch_batches`, :mod:`.batching` and
-  :mod:`.losses` in one process (no Ray needed; ``ezsasrec train`` is the scalable path);
-* evaluation ranks each target among *all* items for *all* users
-  (:func:`ezsasrec_ray.evaluate.model_ranks`, :mod:`.topk`);
-* recommendations and scores come from :func:`ezsasrec_ray.score.user_vectors`,
-  :class:`ezsasrec_ray.topk.TopK` and :func:`ezsasrec_ray.topk.exact_scores` on whole
-  batches of users (no per-user loop), so a score in ``recommend_item`` equals the one
-  ``get_user_item_score`` gives for the same pair;
-* ``save`` / ``load_model`` write and read a model directory (``config.json``,
-  ``model.weights.h5``, ``metrics.json`` ...; no pickle) that ``ezsasrec_ray.load_model``
-  also opens.
-
-Where ezSASRec went wrong this module does the right thing (``docs/easy_api.md`` lists each
-case): every epoch trains ``ceil(users / batch_size)`` steps (never zero), validation uses
-every user, negatives are drawn without rejection loops (a user who rated every item gets
-none instead of hanging the sampler), the best model is always saved when ``auto_save``, and
-nothing is unpickled.
-
-Data conventions are ezSASRec's: ``sasrec_data.txt`` holds ``user<TAB>item`` lines (an
-optional third column is a timestamp), 1-based integer ids, in time order within each user.
-Leave-one-out split: a user's last item is the test target, the second last the validation
-target, the rest trains; users with fewer than 3 items only train.
+Same names, arguments, meanings and return shapes as ezSASRec, backed by this package's core:
+the model (:mod:`.model`), the training step (:mod:`.fit`, in one process, no Ray), the user
+encoder (:mod:`.encoder`), full-catalog ranks (:mod:`.ranking`) and the retrieval index
+(:mod:`.topk`); ``save`` / ``load_model`` write and read a model directory (no pickle) that
+``ezsasrec_ray.load_model`` also opens. Where ezSASRec went wrong this module does the right
+thing (``docs/easy_api.md`` lists each case). Data conventions are ezSASRec's:
+``user<TAB>item[<TAB>time]`` lines, 1-based integer ids, leave-one-out split.
 """
 
 from __future__ import annotations
@@ -578,11 +558,47 @@ class SASREC:
         ``softmax`` (full catalog), ``sampled_softmax`` / ``gbce`` (``num_negatives`` sampler
         negatives per user). Returns ``history``.
         """
-        import tensorflow as tf
+        self._check_train_args(dataset, sampler, lr, loss, target_item_n, auto_save, exp_name,
+                               val_target_user_n)
+        num_epochs = _int_arg("SASREC.train: num_epochs", num_epochs, 1)
+        batch_size = _int_arg("SASREC.train: batch_size", batch_size, 1)
+        val_epoch = _int_arg("SASREC.train: val_epoch", val_epoch, 1)
+        num_negatives = _int_arg("SASREC.train: num_negatives", num_negatives, 1)
+        step = self._train_step(float(lr), loss)
+        rng = np.random.default_rng(seed)
+        saved = False
+        for epoch in range(1, num_epochs + 1):
+            if verbose:
+                print(f"epoch {epoch} / {num_epochs} -----------------------------")
+            self.epoch = epoch
+            record = self._train_epoch(step, sampler, batch_size, loss, num_negatives, rng)
+            record["epoch"] = epoch
+            validate = epoch % val_epoch == 0 or epoch == num_epochs
+            if validate:
+                if verbose:
+                    print("Evaluating...")
+                ndcg, hr = self.evaluate(dataset, target_item_n=target_item_n, is_val=True,
+                                         seed=None if seed is None else seed + epoch)
+                record.update({"NDCG@10": ndcg, "HR@10": hr, "users": self._last_eval_users})
+            frames = [f for f in (self.history, pd.DataFrame([record])) if len(f)]
+            self.history = pd.concat(frames, ignore_index=True)
+            if verbose:
+                print(_epoch_line(record, validate))
+            improved = validate and not math.isnan(record["HR@10"]) and \
+                record["HR@10"] > self.best_score
+            if improved:
+                self.best_score = record["HR@10"]
+            if auto_save and validate and (improved or not saved):
+                self.save(path, exp_name, _dataset=dataset)
+                saved = True
+                if verbose:
+                    print("best score model updated and saved")
+        if auto_save and saved:
+            self.history.to_csv(os.path.join(path, exp_name, "history.csv"), index=False)
+        return self.history
 
-        from .fit import Adam, make_train_step, model_loss
-        from .losses import NEGATIVES, make_loss, negative_shape
-
+    def _check_train_args(self, dataset, sampler, lr, loss, target_item_n, auto_save,
+                          exp_name, val_target_user_n):
         self._check_data(dataset, "train")
         if not isinstance(sampler, WarpSampler):
             raise EzSASRecError(f"SASREC.train: sampler must be a WarpSampler, got "
@@ -590,10 +606,6 @@ class SASREC:
         if sampler.itemnum > self.item_num:
             raise EzSASRecError(f"SASREC.train: the sampler has itemnum={sampler.itemnum} but "
                                 f"the model has item_num={self.item_num}")
-        num_epochs = _int_arg("SASREC.train: num_epochs", num_epochs, 1)
-        batch_size = _int_arg("SASREC.train: batch_size", batch_size, 1)
-        val_epoch = _int_arg("SASREC.train: val_epoch", val_epoch, 1)
-        num_negatives = _int_arg("SASREC.train: num_negatives", num_negatives, 1)
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
             raise EzSASRecError(f"SASREC.train: lr must be a number > 0, got {lr!r}")
         if loss not in LOSSES:
@@ -605,65 +617,38 @@ class SASREC:
         if val_target_user_n is not None and val_target_user_n != -1 \
                 and val_target_user_n < eligible:
             warnings.warn(f"val_target_user_n={val_target_user_n} is not used: the easy API "
-                          f"validates on all {eligible} users", stacklevel=2)
+                          f"validates on all {eligible} users", stacklevel=3)
 
-        # the step Ray Train workers run, under the default (single-device) strategy
-        net = self.sasrec
-        optimizer = Adam(net.trainable_variables, float(lr))
-        train_step = make_train_step(optimizer, tf.distribute.get_strategy(),
-                                     model_loss(net, make_loss(loss)))
+    def _train_step(self, lr: float, loss: str):
+        """The step Ray Train workers run, under the default (single-device) strategy."""
+        import tensorflow as tf
 
-        rng = np.random.default_rng(seed)
+        from .fit import Adam, make_train_step, model_loss
+        from .losses import make_loss
+
+        optimizer = Adam(self.sasrec.trainable_variables, lr)
+        return make_train_step(optimizer, tf.distribute.get_strategy(),
+                               model_loss(self.sasrec, make_loss(loss)))
+
+    def _train_epoch(self, step, sampler, batch_size: int, loss: str, num_negatives: int,
+                     rng) -> dict:
+        """Every trainable user once, in length-bucketed batches -> the history record."""
+        from .losses import NEGATIVES, negative_shape
+
         rows_all = sampler.trainable
-        lengths = sampler.lengths[rows_all]
-        saved = False
-        directory = os.path.join(path, exp_name) if exp_name else None
-        for epoch in range(1, num_epochs + 1):
-            if verbose:
-                print(f"epoch {epoch} / {num_epochs} -----------------------------")
-            self.epoch = epoch
-            total, steps = 0.0, 0
-            for batch in epoch_batches(lengths, batch_size, rng):
-                rows = rows_all[batch]
-                seqs = _prefixes(sampler.values, sampler.offsets, rows, sampler.lengths[rows])
-                inputs, positives = make_inputs(seqs, self.seq_max_len, rng)
-                # ezSASRec's sampler: negatives the user has not seen
-                shape = negative_shape(loss, positives.shape, num_negatives)
-                negatives = (sampler.negatives(rows, shape, rng) if NEGATIVES[loss]
-                             else np.zeros(shape, np.int32))
-                total += float(train_step(inputs, positives.astype(np.int32),
-                                          negatives.astype(np.int32)))
-                steps += 1
-            record = {"epoch": epoch, "NDCG@10": float("nan"), "HR@10": float("nan"),
-                      "loss": total / max(steps, 1), "steps": steps, "users": 0}
-            validate = epoch % val_epoch == 0 or epoch == num_epochs
-            if validate:
-                if verbose:
-                    print("Evaluating...")
-                ndcg, hr = self.evaluate(dataset, target_item_n=target_item_n, is_val=True,
-                                         seed=None if seed is None else seed + epoch)
-                record.update({"NDCG@10": ndcg, "HR@10": hr, "users": self._last_eval_users})
-            frames = [f for f in (self.history, pd.DataFrame([record])) if len(f)]
-            self.history = pd.concat(frames, ignore_index=True)
-            if verbose:
-                line = f"epoch: {epoch}, loss {record['loss']:.4f} ({steps} steps)"
-                if validate:
-                    line += (f", valid (NDCG@10: {record['NDCG@10']:.4f}, HR@10: "
-                             f"{record['HR@10']:.4f}, {record['users']} users)")
-                print(line)
-            if validate:
-                hr = record["HR@10"]
-                improved = not math.isnan(hr) and hr > self.best_score
-                if improved:
-                    self.best_score = hr
-                if auto_save and (improved or not saved):
-                    self.save(path, exp_name, _dataset=dataset)
-                    saved = True
-                    if verbose:
-                        print("best score model updated and saved")
-        if auto_save and saved:
-            self.history.to_csv(os.path.join(directory, "history.csv"), index=False)
-        return self.history
+        total, steps = 0.0, 0
+        for batch in epoch_batches(sampler.lengths[rows_all], batch_size, rng):
+            rows = rows_all[batch]
+            seqs = _prefixes(sampler.values, sampler.offsets, rows, sampler.lengths[rows])
+            inputs, positives = make_inputs(seqs, self.seq_max_len, rng)
+            # ezSASRec's sampler: negatives the user has not seen
+            shape = negative_shape(loss, positives.shape, num_negatives)
+            negatives = (sampler.negatives(rows, shape, rng) if NEGATIVES[loss]
+                         else np.zeros(shape, np.int32))
+            total += float(step(inputs, positives.astype(np.int32), negatives.astype(np.int32)))
+            steps += 1
+        return {"epoch": 0, "NDCG@10": float("nan"), "HR@10": float("nan"),
+                "loss": total / max(steps, 1), "steps": steps, "users": 0}
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -862,6 +847,14 @@ def load_model(path, exp_name="sas_experiment"):
 
 # --------------------------------------------------------------------------------------------
 # helpers of the model
+
+
+def _epoch_line(record: dict, validate: bool) -> str:
+    line = f"epoch: {record['epoch']}, loss {record['loss']:.4f} ({record['steps']} steps)"
+    if validate:
+        line += (f", valid (NDCG@10: {record['NDCG@10']:.4f}, HR@10: {record['HR@10']:.4f}, "
+                 f"{record['users']} users)")
+    return line
 
 
 def _negative_count(target_item_n, itemnum: int, what: str) -> int | None:

@@ -64,43 +64,20 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
                             batch_size=batch_size, num_negatives=num_negatives,
                             negative_sampling=negative_sampling, seed=seed, baselines=baselines,
                             holdout=holdout)  # checked before anything loads
-    ks = config.ks
-    if isinstance(data, str):
-        data = load_prepared(data)
-    if isinstance(model, str):
-        model = load_model(model)
+    data = load_prepared(data) if isinstance(data, str) else data
+    model = load_model(model) if isinstance(model, str) else model
     check_vocab(model, data)
-    if holdout is None:
-        holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
-                                                                                 "valid")
-    check_holdout(holdout)  # before the ranking, not after it
-    if (split == "valid" and holdout != "valid") or holdout == "none":
-        raise EzSASRecError(f"--split {split}: the model was trained on these targets (holdout "
-                            f"{holdout!r}); evaluate a model trained with holdout 'valid'"
-                            f"{'' if split == 'valid' else ' or test'}")
+    holdout = _trained_holdout(model, config)
     _, histories, targets = data.holdout_examples(split)
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
     result = {"split": split, "protocol": protocol, "users": int(len(targets)),
               "fitted_on": f"holdout {holdout}"}
     if protocol == "sampled":
-        result["protocol"] = (f"sampled (target vs {num_negatives} {negative_sampling} "
-                              "negatives; not comparable with full ranking)")
-        rng = np.random.default_rng(seed)
-        if negative_sampling == "popularity":
-            counts = data.items()["count"].to_numpy().astype(np.float64)
-            negatives = rng.choice(np.arange(1, data.num_items + 1), p=counts / counts.sum(),
-                                   size=(len(targets), num_negatives)).astype(np.int32)
-        else:
-            negatives = rng.integers(1, data.num_items + 1, (len(targets), num_negatives),
-                                     dtype=np.int32)
-        ranks = model_ranks(model, ragged, targets, batch_size=batch_size, protocol="sampled",
-                            negatives=negatives)
-        result["model"] = ranking_metrics(ranks, ks)
-        return result
+        return {**result, **_sampled(model, data, ragged, targets, config)}
     top = np.zeros((len(targets), 10), np.int32)
     ranks = model_ranks(model, ragged, targets, batch_size=batch_size, exclude_seen=exclude_seen,
                         top=top)
-    result["model"] = {**ranking_metrics(ranks, ks), "coverage@10": coverage(top, data.num_items)}
+    result["model"] = _metrics(ranks, config.ks, top, data.num_items)
     if baselines:
         train = data.training_sequences(holdout)
         for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
@@ -108,12 +85,46 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
             baseline.fit(train)
             ranks = baseline_ranks(baseline, ragged, targets, batch_size=min(batch_size, 256),
                                    exclude_seen=exclude_seen, top=top)
-            result[name] = {**ranking_metrics(ranks, ks),
-                            "coverage@10": coverage(top, data.num_items)}
-    for block in ("model", "popularity", "markov"):
-        if block in result:
-            result[block].pop("users", None)
+            result[name] = _metrics(ranks, config.ks, top, data.num_items)
     return result
+
+
+def _trained_holdout(model, config: EvaluateConfig) -> str:
+    """What the model was trained on; refuses a split whose targets it has seen."""
+    holdout = config.holdout
+    if holdout is None:
+        holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
+                                                                                 "valid")
+    check_holdout(holdout)  # before the ranking, not after it
+    split = config.split
+    if (split == "valid" and holdout != "valid") or holdout == "none":
+        raise EzSASRecError(f"--split {split}: the model was trained on these targets (holdout "
+                            f"{holdout!r}); evaluate a model trained with holdout 'valid'"
+                            f"{'' if split == 'valid' else ' or test'}")
+    return holdout
+
+
+def _metrics(ranks, ks, top, num_items: int) -> dict:
+    metrics = {**ranking_metrics(ranks, ks), "coverage@10": coverage(top, num_items)}
+    metrics.pop("users", None)
+    return metrics
+
+
+def _sampled(model, data, ragged, targets, config: EvaluateConfig) -> dict:
+    """The target against sampled negatives: only for comparison with older papers."""
+    rng = np.random.default_rng(config.seed)
+    size = (len(targets), config.num_negatives)
+    if config.negative_sampling == "popularity":
+        counts = data.items()["count"].to_numpy().astype(np.float64)
+        negatives = rng.choice(np.arange(1, data.num_items + 1), p=counts / counts.sum(),
+                               size=size).astype(np.int32)
+    else:
+        negatives = rng.integers(1, data.num_items + 1, size, dtype=np.int32)
+    ranks = model_ranks(model, ragged, targets, batch_size=config.batch_size,
+                        protocol="sampled", negatives=negatives)
+    return {"protocol": f"sampled (target vs {config.num_negatives} "
+                        f"{config.negative_sampling} negatives; not comparable with full "
+                        "ranking)", "model": ranking_metrics(ranks, config.ks)}
 
 
 def format_table(result: dict) -> str:

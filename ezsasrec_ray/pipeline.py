@@ -1,43 +1,12 @@
 """The nightly pipeline: prepare -> train -> evaluate -> score, driven by one YAML config.
 
-``jobs/pipeline.py`` (and ``jobs/prepare.py``, ``jobs/train.py``, ``jobs/score.py``, one stage
-each) only call :func:`main`. The config (``jobs/config.example.yaml`` documents every key)::
-
-    workdir: /shared/ezsasrec        # every output goes under it (a filesystem all nodes see)
-    ray: {address: null}             # null: $RAY_ADDRESS (set inside `ray job submit`), else local
-    prepare:  {input: ..., <PrepareConfig fields>}
-    train:    {<TrainConfig fields>}
-    evaluate: {<EvaluateConfig fields>}
-    score:    {<ScoreConfig fields>}
-
-The whole config is checked (unknown keys, types, values, the input files) before any stage
-starts. Layout of ``workdir``::
-
-    prepared/                 the prepared dataset (data.prepare)
-    model/                    the model directory (train.train)
-    evaluation.json           evaluate()'s result on the test split, with what it measured
-    scores/<YYYY-MM-DD>/      recommend()'s output for that night (manifest.json, _SUCCESS)
-    scores/latest             JSON pointer {"date", "path", ...} to the newest scores,
-                              replaced atomically, written after everything else
-    runs/                     Ray Train checkpoints (train.storage_path overrides)
-    stamps/<stage>.json       what produced each output: fingerprint, inputs, options, output
-                              id, timings, the nodes that ran it; stamps/last_run.json
-    .pipeline.lock            held while a run is in progress (one run per workdir)
-
-Re-runs. A stage's *fingerprint* hashes its inputs and options: for prepare the input files'
-paths, sizes and modification times plus the normalized options; for the other stages the
-ids of the outputs they read (the prepared dataset's content hashes, the model's config and
-weights hash) plus their options. A stage is skipped when its stamp has the same fingerprint
-and its output is still the one the stamp recorded; ``force`` redoes it. A stage that reruns
-changes its output id, so the stages after it rerun too.
-
-Failures. Every library stage writes a temporary directory and renames it into place, so a
-failed stage leaves the previous output as it was; the pipeline's own files (stamps,
-evaluation.json, scores/latest) are written to a temporary file and renamed. A stamp is
-written only after its output is in place, and ``scores/latest`` only after the night's
-scores are complete. Training runs under ``<run_name>-<fingerprint[:12]>``: re-running after a
-failed training resumes from its last checkpoint; new inputs or options start a new run, and
-the checkpoints of older pipeline runs are deleted once a new model is in place.
+``jobs/*.py`` only call :func:`main`. The config (``jobs/config.example.yaml`` documents every
+key) has ``workdir``, ``ray`` and one section per stage, whose keys are the fields of that
+stage's config dataclass; it is checked whole before any stage starts. Under ``workdir``:
+``prepared/``, ``model/``, ``evaluation.json``, ``scores/<date>/``, the ``scores/latest``
+pointer (written last), ``runs/`` (checkpoints), ``stamps/`` and ``.pipeline.lock``.
+A stage is skipped when its stamp's fingerprint (inputs and options) matches and its output
+is still the one recorded. Layout, re-runs and failures: docs/internals.md, "pipeline".
 """
 
 from __future__ import annotations

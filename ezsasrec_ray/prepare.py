@@ -1,36 +1,11 @@
 """Prepare: raw interaction logs -> k-core-filtered, encoded per-user sequences, on Ray Data.
 
-The output is a prepared dataset (layout: :mod:`.dataset`).
-
-Vocabularies are ordered by count descending, then raw id, so the same input and options
-always give byte-identical ``users/`` and ``items/`` files.
-
-How it runs, and how it scales past one machine
-------------------------------------------------
-1. **Read** (:mod:`.readers`): one Ray Data task per input file streams it into blocks of
-   ``(user, item, ts, ord)``; files spread over the cluster's CPUs.
-2. **Distinct ids**: each block reduces itself to ``(id, count)`` pairs (pyarrow group-by);
-   the driver merges these partial counts. What reaches the driver is bounded by the number
-   of distinct ids times a small factor, never by the number of rows.
-3. **Encode**: a sorted id array (size = distinct ids) is broadcast once through the object
-   store; each block maps raw ids to int32 codes (binary search / hash lookup). The encoded
-   log (20 bytes an event) is materialized in the object store, which spills to disk.
-4. **k-core**: each round is one vectorized pass in which every block counts, with
-   ``np.bincount``, the events that survive the current alive-user and alive-item masks.
-   Only these count arrays (size = distinct ids) travel; the driver sums them, updates the
-   masks and broadcasts them for the next round, until nothing changes. No shuffle at all.
-5. **Sequences**: one hash shuffle by ``user_index % P`` (``P`` sized to the cluster's CPUs
-   and to 2M events a partition). It is a plain two-stage Ray shuffle over the encoded
-   blocks: each map task cuts its block into ``P`` pieces (numpy, zero-copy in the object
-   store), each reduce task concatenates one partition's pieces, sorts them with one
-   ``np.lexsort``, slices users with offset arithmetic into Arrow list arrays (one Python call
-   per partition, never per user) and writes its own Parquet file. Measured here, Ray Data's
-   ``groupby().map_groups()`` did the same step 6x slower on 10M events (11.2 s vs 1.9 s).
-
-On a cluster, steps 1, 3, 4 and 5 run on every node; the driver holds only id vocabularies
-(about 40 bytes per distinct id plus the raw id), so a log with 10^8 users needs a driver of a
-few GB, independent of the number of events. Output paths must be on storage every node can
-write (a shared filesystem); the final rename that makes the output appear is atomic there.
+The output is a prepared dataset (layout: :mod:`.dataset`); vocabularies are ordered by count
+descending, then raw id, so the same input and options give byte-identical files. Steps: read
+(one task per file), distinct ids (partial counts merged on the driver), encode (a broadcast
+sorted id array), k-core rounds (vectorized counts, no shuffle), sequences (one two-stage Ray
+shuffle by user, one Parquet file per partition). The driver holds only id vocabularies,
+never the rows. How each step scales: docs/internals.md, "prepare".
 """
 
 from __future__ import annotations

@@ -1,47 +1,16 @@
 """Nightly full-catalog scoring: the top-N items for every user, on Ray Data batch inference.
 
-The shape of a run::
+driver: open the prepared dataset and the model directory (no TensorFlow), refuse different
+vocabularies, resolve --users / --exclude-items / --candidates to indices. Ray Data: the
+sequence files -> :class:`BatchScorer` on an actor pool (the model loads once per actor) ->
+written into a temporary sibling. driver: check every expected user was written exactly once,
+then publish with manifest.json and ``_SUCCESS`` (:mod:`.outputs`).
 
-    driver:  open the prepared dataset and the model directory (no TensorFlow on the driver),
-             refuse different vocabularies, resolve --users / --exclude-items / --candidates
-             to indices (unknown users: error; unknown items: counted, reported, ignored)
-    Ray Data: read_parquet(sequences) -> map_batches(BatchScorer) on an actor pool
-             (the model loads once per actor; ``num_gpus`` per actor when asked)
-             -> write_parquet | write_json | write_csv into a temporary sibling directory
-    driver:  check that every expected user was written exactly once, write manifest.json,
-             then _SUCCESS, then rename the directory into place (atomic)
-
-Per batch (:class:`BatchScorer`): the histories (whole sequences, or everything before the
-test target with ``holdout="test"``) go through :func:`user_vectors` (the model's
-``user_embeddings``), then :class:`.topk.TopK` scores the catalog in item chunks with a running
-top-k merge: memory per actor is O(threads x 512 x chunk + 2 x batch x k), never
-O(batch x catalog). An actor with several CPUs runs a batch's encoder calls, then its TopK row
-slices, on that many threads, one call per thread with one thread per TF op and per BLAS call
-(at dim 64 the ops are too small to split well over threads, and this way the numpy steps
-between the matmuls run in parallel too). Such an actor scores two batches at once
-(:data:`BATCHES_PER_ACTOR`, one shared thread pool), so its threads do not wait at the end of
-each batch for the last slice. The user's
-own history is excluded unless ``include_seen``; item 0 (padding) is never returned; indices
-map back to raw ids. Each output row is ``user_id, item_ids (list), scores (list)``, sorted by
-score descending, ties broken by the smaller item index. A user with fewer than N allowed items
-gets a shorter list.
-
-Determinism. The results are identical for any number of actors, batch size and chunk size:
-TopK's order is exact (see :mod:`.topk`), and the user vectors are bitwise reproducible because
-every encoder call has a fixed shape. A float32 matmul rounds differently for different batch
-shapes (oneDNN/BLAS pick other kernels), so :func:`user_vectors` puts each user in a width
-bucket fixed by its own history length (8, 16, 32, ... up to maxlen; the model gives the same
-outputs for a history trimmed on the left) and encodes each bucket in calls of a fixed number
-of rows, padding the last call with empty histories. A user's vector then never depends on the
-other users of its batch. The calls run through XLA (``user_embeddings(..., jit_compile=True)``:
-a few fixed shapes, each compiled once per process; XLA fuses the encoder's small ops, about 2x
-faster on CPU at dim 64).
-
-Fault tolerance: the actor pool restarts dead actors and retries their batches
-(``max_restarts``, ``max_task_retries``); a batch's rows are written only by the try that
-completes, and the driver checks the row count before publishing. For the tests,
-``EZSASREC_FAULT_SCORE_CRASH_ONCE=<marker path>`` in the driver's environment makes the first
-actor that gets a batch create the marker and die (``os._exit(1)``) before scoring it.
+Each output row is ``user_id, item_ids (list), scores (list)``, score descending, ties by the
+smaller item index, the user's history excluded unless ``include_seen``; identical for any
+number of actors, batch and chunk size (:mod:`.encoder`, :mod:`.topk`). Memory per actor is
+O(threads x 512 x chunk + 2 x batch x k), never O(batch x catalog).
+Threads, determinism, fault tolerance: docs/internals.md, "score".
 """
 
 from __future__ import annotations
@@ -513,179 +482,219 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
 
     Args:
         model: a model directory path or a loaded :class:`.model.SASRec`.
-        data: a prepared-dataset path or a :class:`.data.PreparedDataset`.
+        data: a prepared-dataset path or a :class:`.dataset.PreparedDataset`.
         output: directory to write; None returns the (lazy) Ray Dataset instead.
-        include_seen: also recommend items in the user's history (excluded by default).
-        holdout: None (the whole sequence) or ``"test"`` (score as of before the test target;
-            users without one are skipped).
-        users, exclude_items, candidates: a file path (one raw id a line, or a Parquet file's
-            first column) or an iterable of raw ids. Unknown users are an error; unknown items
-            are reported in the manifest and ignored.
-        batch_size: users per Ray Data batch; chunk_size: items per catalog chunk.
-        actors, gpus_per_actor, cpus_per_actor, threads_per_actor: the actor pool (threads
-            default to the cluster's CPUs shared among the actors).
-        format: parquet | jsonl | csv (csv: the lists as JSON strings).
+        the rest: see :class:`ScoreConfig`. ``users``, ``exclude_items``, ``candidates`` are a
+            file path (one raw id a line, or a Parquet file's first column) or an iterable of
+            raw ids. Unknown users are an error; unknown items are reported and ignored.
 
     Returns the Ray Dataset of ``user_id, item_ids, scores`` rows when ``output`` is None,
     else the manifest dict (also written to ``output/manifest.json``).
     """
     started = time.time()
-    ScoreConfig(top_n=top_n, include_seen=include_seen, holdout=holdout, users=users,
-                exclude_items=exclude_items, candidates=candidates, batch_size=batch_size,
-                chunk_size=chunk_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor,
-                format=format, verbose=verbose)  # the checks, before any work
-    top_n, batch_size, chunk_size, actors = (int(v) for v in (top_n, batch_size, chunk_size,
-                                                              actors))
+    config = ScoreConfig(top_n=top_n, include_seen=include_seen, holdout=holdout, users=users,
+                         exclude_items=exclude_items, candidates=candidates,
+                         batch_size=batch_size, chunk_size=chunk_size, actors=actors,
+                         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                         threads_per_actor=threads_per_actor, format=format, verbose=verbose)
     if output is not None:
         output = os.fspath(output).removeprefix("file://")
         outputs.check_output(output, overwrite)  # before any work
     data = _open_data(data)
-    source = _model_source(model)
+    request = _resolve_request(model, data, config)
+    init_ray(address)
+    run = _scoring_run(model, data, config, request, with_stats=output is not None)
+    if output is None:
+        return run.dataset
+    manifest = _write_scores(run, output, overwrite, data, config, request, started)
+    if verbose:
+        print(format_summary(manifest), flush=True)
+    return manifest
 
+
+@dataclass
+class _Request:
+    """What to score, in indices: the model source and the resolved id options."""
+
+    source: _ModelSource
+    users: np.ndarray | None = None
+    exclude: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+    reports: dict = field(default_factory=dict)  # users_file / exclude_items / candidates
+
+
+def _resolve_request(model, data, config: ScoreConfig) -> _Request:
+    """Check the model against the data and resolve raw ids, on the driver (no TensorFlow)."""
+    source = _model_source(model)
     check_vocab(source.info, data)
     if source.info.config.num_items != data.num_items:
         raise EzSASRecError(f"model has {source.info.config.num_items} items but {data.path} "
                             f"has {data.num_items}: different vocabularies")
-    user_set, user_report = (None, None) if users is None else resolve_users(users, data)
-    exclude, exclude_report = (None, None) if exclude_items is None else \
-        resolve_items(exclude_items, data, "exclude-items")
-    allowed, candidate_report = (None, None) if candidates is None else \
-        resolve_items(candidates, data, "candidates")
-    if allowed is not None and allowed.size == 0:
-        raise EzSASRecError(f"--candidates {candidate_report['source']}: none of the "
-                            f"{candidate_report['given']} ids is in the item vocabulary")
+    request = _Request(source=source)
+    if config.users is not None:
+        request.users, request.reports["users_file"] = resolve_users(config.users, data)
+    if config.exclude_items is not None:
+        request.exclude, request.reports["exclude_items"] = resolve_items(
+            config.exclude_items, data, "exclude-items")
+    if config.candidates is not None:
+        request.candidates, report = resolve_items(config.candidates, data, "candidates")
+        request.reports["candidates"] = report
+        if request.candidates.size == 0:
+            raise EzSASRecError(f"--candidates {report['source']}: none of the "
+                                f"{report['given']} ids is in the item vocabulary")
+    return request
 
 
-    init_ray(address)
+def _scoring_run(model, data, config: ScoreConfig, request: _Request, *, with_stats: bool):
+    """The lazy Ray Dataset of scores: sequence files -> BatchScorer on an actor pool."""
     import ray
     import ray.data
 
-    if source.path is None:  # a loaded model: ship its weights
-        source = _model_source(model, ray_put=ray.put)
-    threads = int(threads_per_actor or _cluster_threads(actors, cpus_per_actor))
+    if request.source.path is None:  # a loaded model: ship its weights
+        request.source = _model_source(model, ray_put=ray.put)
+    threads = int(config.threads_per_actor or _cluster_threads(config.actors,
+                                                               config.cpus_per_actor))
     env = dict(SCORER_ENV)
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
-    stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if output is not None \
-        else None
+    stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if with_stats else None
+    source = request.source
     scorer_kwargs = {
         "model_config": source.info.config.to_dict(), "model_path": source.path,
         "weights_ref": source.weights_ref, "data_path": os.path.abspath(data.path),
-        "top_n": top_n, "holdout": holdout, "split_kind": data.split_kind,
-        "include_seen": include_seen,
-        "users_ref": None if user_set is None else ray.put(user_set),
-        "exclude_items": exclude, "candidates": allowed, "chunk_size": chunk_size,
-        "threads": threads, "list_encoding": "json" if format == "csv" else None,
-        "stats": stats,
+        "top_n": config.top_n, "holdout": config.holdout, "split_kind": data.split_kind,
+        "include_seen": config.include_seen,
+        "users_ref": None if request.users is None else ray.put(request.users),
+        "exclude_items": request.exclude, "candidates": request.candidates,
+        "chunk_size": config.chunk_size, "threads": threads,
+        "list_encoding": "json" if config.format == "csv" else None, "stats": stats,
     }
     with warnings.catch_warnings():
         # max_restarts / max_task_retries only go through ray_remote_args, which Ray 2.60
         # flags as deprecated; they are also Ray Data's defaults for actor pools.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         # a few blocks per actor (each of at least one batch), so every actor gets work
-        dataset = _sequences_dataset(data, blocks=4 * actors, min_rows=batch_size).map_batches(
-            BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
+        dataset = _sequences_dataset(data, blocks=4 * config.actors,
+                                     min_rows=config.batch_size).map_batches(
+            BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=config.batch_size,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=BATCHES_PER_ACTOR if threads > 1
-                else 1, enable_true_multi_threading=True),
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                size=config.actors, max_concurrent_calls_per_actor=BATCHES_PER_ACTOR
+                if threads > 1 else 1, enable_true_multi_threading=True),
+            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None,
             runtime_env={"env_vars": env}, max_restarts=-1, max_task_retries=-1)
-    if output is None:
-        return dataset
+    return SimpleNamespace(dataset=dataset, stats=stats, threads=threads)
 
-    options = {"top_n": top_n, "include_seen": include_seen, "holdout": holdout,
-               "users": user_report and user_report["source"],
-               "exclude_items": exclude_report and exclude_report["source"],
-               "candidates": candidate_report and candidate_report["source"],
-               "batch_size": batch_size, "chunk_size": chunk_size, "actors": actors,
-               "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor,
-               "threads_per_actor": threads, "format": format}
-    expected, skipped = _expected_users(data, user_set, holdout)
+
+def _write_scores(run, output: str, overwrite: bool, data, config: ScoreConfig,
+                  request: _Request, started: float) -> dict:
+    """Run the dataset into a temporary sibling, check every user was written exactly once,
+    then publish it with its manifest (nothing is published on any failure)."""
+    import ray
+
+    expected, skipped = _expected_users(data, request.users, config.holdout)
     tmp = outputs.start(output, overwrite=overwrite)
     results = os.path.join(tmp, RESULTS_DIR)
     os.makedirs(results)
     try:
         t = time.time()
-        try:
-            # Write tasks take no CPU slot either (the actors may hold them all).
-            write_args = {"ray_remote_args": {"num_cpus": 0}}
-            if format == "parquet":
-                dataset.write_parquet(results, **write_args)
-            elif format == "jsonl":  # 15 decimals: float32 scores round-trip
-                dataset.write_json(results, double_precision=15, **write_args)
-            else:
-                dataset.write_csv(results, **write_args)
-        except Exception as exc:
-            user_error = find_user_error(exc)
-            if user_error is not None and user_error is not exc:
-                raise type(user_error)(user_error.message) from None
-            raise
+        _write_dataset(run.dataset, results, config.format)
         score_s = time.time() - t
-        batches = _batch_records(stats, expected)
-        written = _count_rows(results, format)
+        batches = _batch_records(run.stats, expected)
+        written = _count_rows(results, config.format)
         scored = sum(b["rows"] for b in batches.values())
-        busy_s = _busy_seconds(batches.values())
-        phase_s = {k: sum(b.get(k, 0.0) for b in batches.values())
-                   for k in ("encoder_cpu_s", "catalog_cpu_s")}
-        windows = [b["window"] for b in batches.values()] or [(0.0, 0.0)]
-        window_s = max(w[1] for w in windows) - min(w[0] for w in windows)
         if written != expected or scored != expected:
             raise EzSASRecError(f"scoring wrote {written:,} rows ({scored:,} counted by the "
                                 f"batches) but {expected:,} users were expected; output not "
                                 "published")
         counts = {
             "users_scored": written,
-            "users_requested": data.num_users if user_set is None else int(user_set.size),
+            "users_requested": data.num_users if request.users is None
+            else int(request.users.size),
             "users_skipped_no_target": skipped,
             "users_with_fewer_than_top_n": sum(b["short"] for b in batches.values()),
             "batches": len(batches),
             "items_in_catalog": data.num_items,
-            "items_allowed": int(_allowed_count(data.num_items, exclude, allowed)),
+            "items_allowed": int(_allowed_count(data.num_items, request.exclude,
+                                                request.candidates)),
+            **request.reports,
         }
-        if user_report:
-            counts["users_file"] = user_report
-        if exclude_report:
-            counts["exclude_items"] = exclude_report
-        if candidate_report:
-            counts["candidates"] = candidate_report
-        total_s = time.time() - started
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": "ezsasrec_ray.scores",
-            "output": os.path.abspath(output),
-            "results": RESULTS_DIR,
-            "columns": ["user_id", "item_ids", "scores"],
-            "order": "score descending, ties by smaller item index",
-            "data": {"path": os.path.abspath(data.path),
-                     "vocab_fingerprint": data.vocab_fingerprint(),
-                     "num_users": data.num_users, "num_items": data.num_items},
-            "model": source.manifest,
-            "options": options,
-            "counts": counts,
-            "timings": {"score_s": round(score_s, 3), "total_s": round(total_s, 3),
-                        "users_per_s": round(written / max(score_s, 1e-9), 1),
-                        # time each actor had a batch in progress, summed over actors (no
-                        # start-up)
-                        "batches_s": round(busy_s, 3),
-                        # CPU seconds of the scorers' threads in the encoder and the catalog
-                        # top-k (summed over threads and actors)
-                        **{k: round(v, 3) for k, v in phase_s.items()},
-                        "users_per_actor_s": round(written / max(busy_s, 1e-9), 1),
-                        # from the start of the first batch to the end of the last one
-                        "batches_window_s": round(window_s, 3)},
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        manifest = _scores_manifest(output, data, config, request, run.threads, counts,
+                                    _timings(batches, written, score_s, started))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, default=str)
         outputs.publish(tmp, output, kind="scores", overwrite=overwrite)
     finally:
         outputs.discard(tmp)
-        if stats is not None:
-            ray.kill(stats)
-    if verbose:
-        print(format_summary(manifest), flush=True)
+        if run.stats is not None:
+            ray.kill(run.stats)
     return manifest
+
+
+def _write_dataset(dataset, results: str, format: str):
+    """Execute the scoring dataset into ``results`` (one-line errors for bad input)."""
+    try:
+        # Write tasks take no CPU slot either (the actors may hold them all).
+        write_args = {"ray_remote_args": {"num_cpus": 0}}
+        if format == "parquet":
+            dataset.write_parquet(results, **write_args)
+        elif format == "jsonl":  # 15 decimals: float32 scores round-trip
+            dataset.write_json(results, double_precision=15, **write_args)
+        else:
+            dataset.write_csv(results, **write_args)
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None and user_error is not exc:
+            raise type(user_error)(user_error.message) from None
+        raise
+
+
+def _timings(batches: dict, written: int, score_s: float, started: float) -> dict:
+    """The manifest's timings from the batch records (see format_summary for the two rates)."""
+    busy_s = _busy_seconds(batches.values())
+    phase_s = {k: sum(b.get(k, 0.0) for b in batches.values())
+               for k in ("encoder_cpu_s", "catalog_cpu_s")}
+    windows = [b["window"] for b in batches.values()] or [(0.0, 0.0)]
+    return {"score_s": round(score_s, 3), "total_s": round(time.time() - started, 3),
+            "users_per_s": round(written / max(score_s, 1e-9), 1),
+            # time each actor had a batch in progress, summed over actors (no start-up)
+            "batches_s": round(busy_s, 3),
+            # CPU seconds of the scorers' threads in the encoder and the catalog top-k
+            # (summed over threads and actors)
+            **{k: round(v, 3) for k, v in phase_s.items()},
+            "users_per_actor_s": round(written / max(busy_s, 1e-9), 1),
+            # from the start of the first batch to the end of the last one
+            "batches_window_s": round(max(w[1] for w in windows) - min(w[0] for w in windows),
+                                      3)}
+
+
+def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, threads: int,
+                     counts: dict, timings: dict) -> dict:
+    reports = request.reports
+    options = {"top_n": config.top_n, "include_seen": config.include_seen,
+               "holdout": config.holdout,
+               "users": reports.get("users_file", {}).get("source"),
+               "exclude_items": reports.get("exclude_items", {}).get("source"),
+               "candidates": reports.get("candidates", {}).get("source"),
+               "batch_size": config.batch_size, "chunk_size": config.chunk_size,
+               "actors": config.actors, "gpus_per_actor": config.gpus_per_actor,
+               "cpus_per_actor": config.cpus_per_actor, "threads_per_actor": threads,
+               "format": config.format}
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ezsasrec_ray.scores",
+        "output": os.path.abspath(output),
+        "results": RESULTS_DIR,
+        "columns": ["user_id", "item_ids", "scores"],
+        "order": "score descending, ties by smaller item index",
+        "data": {"path": os.path.abspath(data.path),
+                 "vocab_fingerprint": data.vocab_fingerprint(),
+                 "num_users": data.num_users, "num_items": data.num_items},
+        "model": request.source.manifest,
+        "options": options,
+        "counts": counts,
+        "timings": timings,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _allowed_count(num_items: int, exclude, candidates) -> int:

@@ -1,34 +1,13 @@
 """Online recommendations with Ray Serve: the nightly job's model, answering over HTTP.
 
-Two layers, so that the logic can be tested and reused without Serve:
-
-* :class:`Recommender` (plain Python, no Ray): a model directory, the item vocabulary and, for
-  user-id requests, every user's history from a prepared dataset, held in memory. It answers
-  *batches* of queries with the same functions as nightly batch scoring
-  (:func:`.score.user_vectors` for the user representation, :class:`.topk.TopK` for the exact
-  top-k, :func:`.topk.exact_scores` for given items), so for the same user, history and options
-  the endpoint returns exactly what ``ezsasrec score`` wrote.
-* :class:`RecommenderDeployment`: a Ray Serve deployment with a FastAPI ingress. ``/recommend``
-  and ``/score`` requests from many callers are grouped by ``@serve.batch`` and answered in
-  one vectorized call; validation happens before batching, so one bad request never fails the
-  others, and nothing a client sends can crash a replica.
-
-Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``, ``GET /readyz``, ``GET /version``
-and the OpenAPI docs at ``/docs``. With an API key (``EZSASREC_API_KEY`` or ``api_key``), the
-``/recommend``, ``/score`` and ``/version`` routes need ``X-API-Key: KEY`` or
-``Authorization: Bearer KEY`` (401 otherwise); health probes stay open.
-
-Memory: user histories are held in memory (not read from Parquet per request): one int32
-array of item indices plus int64 offsets (4 bytes an event + 8 bytes a user), a pandas hash
-index of the raw user ids (measured: about 51 MB per million integer ids, about 240 MB per
-million string ids like ``"user-123456789"``), and by default every user's vector, encoded once
-at start-up by the same :func:`.score.user_vectors` (4 x dim bytes a user: 256 MB per million
-users at dim 64; ``precompute_user_vectors=False`` encodes per request instead, at about 10-40
-ms more a batch on 2 CPUs). So about 0.35 GB per million users with 10 events each and integer
-ids, plus the model. :meth:`Recommender.memory_bytes` reports the figures of a loaded dataset.
-
-Deploy with ``serve/config.yaml`` (``serve deploy``/``serve run``; the app builder is
-:func:`build_app`) or ``ezsasrec serve`` (:func:`run_server`) for a local foreground server.
+:class:`Recommender` (plain Python, no Ray) holds a model, the item vocabulary and, for
+user-id requests, every user's history; it answers batches of queries with the same encoder
+(:mod:`.encoder`) and retrieval index (:mod:`.topk`, per-request exclusions and candidates
+without re-indexing) as nightly scoring, so the endpoint returns exactly what ``ezsasrec
+score`` writes. :class:`RecommenderDeployment` is the Ray Serve deployment (FastAPI ingress,
+``@serve.batch``). Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``,
+``/readyz``, ``/version``, ``/docs``; with an API key the data routes need it.
+Memory per million users and deployment: docs/internals.md, "serve".
 """
 
 

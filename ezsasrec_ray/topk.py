@@ -1,59 +1,16 @@
-"""Exact top-k retrieval and target ranks over the full catalog, streaming over item chunks.
+"""Exact top-k retrieval over the full catalog: the one retrieval interface.
 
-Pure numpy (no TF, no Ray): shared by evaluation, nightly batch scoring and online serving.
+:class:`TopK` indexes an item table once; each call takes user vectors and, per query row,
+the history to exclude, extra exclusions and candidate lists (no re-indexing);
+:meth:`TopK.target_ranks` gives held-out ranks with the same rule; :meth:`TopK.is_exact` is
+True (an approximate backend would say False). Pure numpy and numba (no TF, no Ray).
 
-Conventions:
-
-* items are 1..N; row 0 of ``item_table`` (N+1, d) is padding and is never returned or ranked;
-* ``user_vecs`` (B, d) float32; the score of item i for user b is ``user_vecs[b] . item_table[i]``;
-* ``histories`` (B, H) int, left-padded with 0: the items each user has already seen. They are
-  excluded unless ``histories`` is None (out-of-range values are ignored).
-
-Order. Items are sorted by score descending, ties broken by the smaller item index. The order
-is exact and deterministic: identical for every ``chunk_size`` and every split of the users
-into batches. That cannot rest on BLAS alone: a float32 matmul rounds differently for different
-block shapes (OpenBLAS uses other kernels for small blocks and for a single row), so the same
-(user, item) pair can get scores one ulp apart in two calls. Hence two kinds of scores:
-
-* *fast scores*: the float32 matmul ``item_table[chunk] @ user_vecs.T``, used only to prune;
-* *exact scores* (:func:`exact_scores`): the float32 products summed in float64 in a fixed order
-  and rounded once to float32. They are the scores returned and the only ones compared.
-
-The two differ by at most ``bound = (d + 2) * 2**-23 * |u| * max_i |v_i|`` (twice the textbook
-dot-product error bound). :class:`TopK` keeps the top ``k + 16`` items per user by fast score,
-re-scores them exactly and checks that no item left out can come within ``2 * bound`` of the
-k-th; rows that fail the check (many near-ties, e.g. duplicated embeddings) are searched again
-with exact scores. :meth:`TopK.target_ranks` re-scores exactly only the items whose fast score is
-within ``bound`` of the target's. So the exact scores decide every comparison, while only about
-B x k (user, item) pairs are scored exactly.
-
-Tie keys. An exact score and an item are packed in one int64 *key*: the float32 bits mapped to an
-order-preserving int32, shifted left by 32, plus ``2**31 - 1 - item``. Larger key = better; keys
-are unique per item, so ``np.partition`` / ``np.sort`` on keys give the exact order, ties
-included. ``EMPTY_KEY`` (the int64 minimum) marks "no item" and decodes to index 0, score -inf.
-
-Speed. Users are taken in blocks of 512 rows and the catalog in chunks of ``chunk_size`` items;
-each (chunk, users) score block is one float32 matmul ``item_vectors @ users.T`` (items x users:
-BLAS runs this shape near its peak when d is small), read once while it is still in cache by a
-compiled loop (:mod:`ezsasrec_ray.topk_kernel`) that compares it with each user's running
-threshold (the score of the current keep-th best) and touches only the few candidates, raising
-the threshold as better items arrive (a user's history items are set to -inf in the block
-first, a few scattered writes, so the loop never meets them). Thresholds start high:
-the items are stored in a fixed random order, so the first chunk is a sample of the catalog and
-a user's r-th best there (r from the sample size, :meth:`TopK._pilot_rank`) is almost surely
-below their k-th best overall; only a few times k + 16 candidates per user then reach the
-loop's slow path (3-5 times at 55k-100k items), and the rare users with too few items above
-it are searched again. The exact float64 scores above are computed for about k items per user
-only, so the matmul is most of the time.
-Memory is O(min(B, 512) x chunk_size + B x k) besides the item table and its ordered copy.
-
-Per-query options. :class:`TopK` is built once per item table and every call may bring its own
-exclusions and candidate lists, one per query row, without re-indexing: a row's exclusions are
-appended to its history (set to -inf in the score blocks, like the history), and a row with
-candidates is answered by exact-scoring just those items (O(candidates), no catalog pass).
-
-Embeddings must be finite (a ValueError otherwise). Dense score matrices, e.g. from baselines,
-go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same tie rule.
+Conventions: items are 1..N, row 0 of ``item_table`` (N+1, d) is padding and never returned;
+``user_vecs`` (B, d) float32; ``histories`` (B, H) int, left-padded with 0. Order: score
+descending, ties by the smaller item index, identical for every chunk size and batch split
+(exact float64-summed scores decide; BLAS scores only prune). Dense score matrices (baselines)
+go through :func:`top_k_from_scores` and :func:`rank_from_scores` with the same rule.
+Why it is exact and fast: docs/internals.md, "topk".
 """
 
 from __future__ import annotations

@@ -1,35 +1,13 @@
 """Train SASRec data-parallel on Ray Train (``TensorflowTrainer``), with checkpoints.
 
-The shape of a run::
-
-    driver:   load_prepared -> validate configs (before any worker starts) -> Ray Data dataset
-              of training sequences -> TensorflowTrainer(train_loop_per_worker, datasets)
-    worker:   its shard of sequences (get_dataset_shard) -> per epoch: length-bucketed,
-              shuffled batches built with numpy -> custom tf.function step under
-              MultiWorkerMirroredStrategy (strategy.run + strategy.reduce; Keras 3's
-              model.fit does not work under MWMS, keras-team/keras#20585) -> validation
-              NDCG@10 etc. on this worker's share of users, summed across workers ->
-              ray.train.report(metrics, checkpoint)
-
-Batches: each batch is trimmed to its longest history (positions stay absolute, so results
-do not change) and sequences are bucketed by length, so a batch of short histories is not
-mostly padding. Histories longer than ``maxlen + 1`` give a random window each epoch.
-
-Learning rate: the global batch is ``batch_size x num_workers``; the learning rate applied is
-``lr x sqrt(num_workers)`` (the square-root rule for Adam) unless ``lr_scaling="none"``
-(or ``"linear"``).
-
-Optimizer: Adam (:class:`Adam`: Keras Adam's formula, with TF's fused kernel per weight; an
-embedding's gradient crosses workers as rows, not as a dense table; ``optimizer="auto"`` (the
-default) means this dense Adam for every loss). ``optimizer="lazy_adam"``
-updates the item table lazily, as TF-Addons' LazyAdam: with a sampled loss (``bce``,
-``sampled_softmax``, ``gbce``) only the rows of the batch and their moments, with scatter ops.
-It is not the default: on Beauty it was at most 1.1x faster and its validation NDCG@10 a little
-lower at equal epochs (benchmarks/RESULTS.md, "train speed").
-
-Checkpoints carry the weights, the optimizer state and the loop state (epoch, best metric,
-patience). Re-running with the same ``run_name`` and ``storage_path`` resumes from the latest
-checkpoint; ``max_failures`` lets Ray Train restart failed workers from it.
+driver: load the prepared dataset, check every option before a worker starts, hand the
+training sequences to a ``TensorflowTrainer``. worker (:func:`train_loop_per_worker`): its
+shard of sequences, length-bucketed shuffled batches, the one training step of :mod:`.fit`
+under MultiWorkerMirroredStrategy, validation NDCG@10 on its share of users summed across
+workers, ``ray.train.report`` with a checkpoint (weights, optimizer state, loop state).
+Re-running with the same ``run_name`` and ``storage_path`` resumes; ``max_failures`` restarts
+failed workers from the latest checkpoint. The learning rate grows as sqrt(num_workers) by
+default (``lr_scaling``). Batching and optimizer choices: docs/internals.md, "train".
 """
 
 from __future__ import annotations
@@ -232,131 +210,187 @@ def _restore_checkpoint(directory: str, model, optimizer) -> dict:
 def train_loop_per_worker(loop_config: dict):
     """Ray Train worker: train, validate and checkpoint. ``loop_config`` is plain data."""
     import ray.train
-    import tensorflow as tf
 
-    from .fit import batch_negatives, make_train_step, model_loss
-    from .losses import make_loss
-    from .model import SASRecConfig, build_model
-
-    cfg = TrainConfig(**loop_config["train"])
-    model_config = SASRecConfig.from_dict(loop_config["model"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    set_threads(loop_config["threads"])
-    if cfg.precision != "float32":
-        import keras
-
-        keras.mixed_precision.set_global_policy(cfg.precision)
-    strategy = (tf.distribute.MultiWorkerMirroredStrategy() if world > 1
-                else tf.distribute.get_strategy())
-
-    values, offsets = _load_worker_shard(ray.train.get_dataset_shard("train"))
-    lengths = np.diff(offsets)
-    validate = cfg.holdout == "valid"  # otherwise the validation targets are trained on
-    if validate:
-        valid = np.load(loop_config["valid_path"], allow_pickle=False)
-        rows = np.flatnonzero(valid["user_index"] % world == rank)  # this worker's share
-        v_values, v_offsets = take_rows(valid["history_values"], valid["history_offsets"], rows)
-        v_targets = valid["targets"][rows]
-    popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
-
-    with strategy.scope():
-        model = build_model(model_config)
-        optimizer = build_optimizer(model, cfg)
-    num_items = model_config.num_items
-    log_q = probs = None
-    if cfg.negative_sampling == "popularity":
-        probs = popularity[1:] ** 0.75 + 1e-12
-        log_q = tf.constant(np.log(np.concatenate([[1.0], probs / probs.sum()]) * cfg.negatives),
-                            tf.float32)
-    loss = make_loss(cfg.loss, log_q=log_q, gbce_t=cfg.gbce_t)
-    compute_loss = model_loss(model, loss)
-    train_step = make_train_step(optimizer, strategy, compute_loss, cfg.xla)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
-    def all_sum(values):
-        per_replica = strategy.run(lambda v: tf.identity(v), args=(values,))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
+    w = _Worker(loop_config)
     state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = _restore_checkpoint(directory, model, optimizer)
+            state = _restore_checkpoint(directory, w.model, w.optimizer)
         state["resumed_from_epoch"] = state["epoch"]
-
+    cfg = w.cfg
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["bad_epochs"] >= cfg.patience:
             break
         if cfg.time_budget_s and state.get("train_seconds", 0.0) >= cfg.time_budget_s:
             break
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
         # from the all-reduced state, so every worker sets the same rate
         lr = cfg.effective_lr() * cfg.lr_factor(epoch - 1, state.get("train_seconds", 0.0))
-        optimizer.set_learning_rate(lr)
         started = time.time()
-        total_loss, steps, sequences_seen = 0.0, 0, 0
-        positions = 0
-        bucket_batches = 32 if cfg.trim_batches else 1
-        for rows in epoch_batches(lengths, cfg.batch_size, rng, bucket_batches):
-            batch_values, batch_offsets = take_rows(values, offsets, rows)
-            inputs, positives = make_inputs((batch_values, batch_offsets), model_config.maxlen,
+        record = {"epoch": epoch, "lr": lr, **w.train_epoch(epoch, lr), **w.validate()}
+        record["epoch_seconds"] = time.time() - started
+        record["replica_weight_gap"] = w.replica_weight_gap()
+        improved, score = _update_state(state, record, w.mean(record["train_seconds"]),
+                                        cfg.holdout == "valid")
+        _report(w, state, record, score)
+        if w.rank == 0 and loop_config["train"].get("verbose", True):
+            print(_epoch_line(record, score, improved, cfg.holdout), flush=True)
+        _maybe_inject_fault(loop_config.get("fault"), epoch, w.rank, w.world)
+
+
+class _Worker:
+    """One Ray Train worker's model, optimizer, step and data shares."""
+
+    def __init__(self, loop_config: dict):
+        import ray.train
+        import tensorflow as tf
+
+        from .model import SASRecConfig, build_model
+
+        self.cfg = cfg = TrainConfig(**loop_config["train"])
+        self.model_config = SASRecConfig.from_dict(loop_config["model"])
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        set_threads(loop_config["threads"])
+        if cfg.precision != "float32":
+            import keras
+
+            keras.mixed_precision.set_global_policy(cfg.precision)
+        self.strategy = (tf.distribute.MultiWorkerMirroredStrategy() if self.world > 1
+                         else tf.distribute.get_strategy())
+        self.values, self.offsets = _load_worker_shard(ray.train.get_dataset_shard("train"))
+        self.valid = None  # without a validation holdout its targets are trained on
+        if cfg.holdout == "valid":
+            self.valid = _valid_share(loop_config["valid_path"], self.rank, self.world)
+        with self.strategy.scope():
+            self.model = build_model(self.model_config)
+            self.optimizer = build_optimizer(self.model, cfg)
+        popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
+        self.train_step, self.probs = self._step(popularity)
+        self.all_sum = self._all_sum()
+
+    def _step(self, popularity):
+        """The compiled step of the configured loss, and the negative-sampling weights."""
+        import tensorflow as tf
+
+        from .fit import make_train_step, model_loss
+        from .losses import make_loss
+
+        cfg, log_q, probs = self.cfg, None, None
+        if cfg.negative_sampling == "popularity":
+            probs = popularity[1:] ** 0.75 + 1e-12
+            log_q = tf.constant(np.log(np.concatenate([[1.0], probs / probs.sum()])
+                                       * cfg.negatives), tf.float32)
+        loss = make_loss(cfg.loss, log_q=log_q, gbce_t=cfg.gbce_t)
+        step = make_train_step(self.optimizer, self.strategy, model_loss(self.model, loss),
+                               cfg.xla)
+        return step, probs
+
+    def _all_sum(self):
+        import tensorflow as tf
+
+        strategy = self.strategy
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
+        def all_sum(values):
+            per_replica = strategy.run(lambda v: tf.identity(v), args=(values,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        return lambda values: all_sum(np.asarray(values, np.float64)).numpy()
+
+    def train_epoch(self, epoch: int, lr: float) -> dict:
+        """One pass over this worker's shard -> loss and throughput (summed over workers)."""
+        from .fit import batch_negatives
+
+        cfg, maxlen = self.cfg, self.model_config.maxlen
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank])
+        self.optimizer.set_learning_rate(lr)
+        started = time.time()
+        total_loss, steps, sequences, positions = 0.0, 0, 0, 0
+        for rows in epoch_batches(np.diff(self.offsets), cfg.batch_size, rng,
+                                  32 if cfg.trim_batches else 1):
+            inputs, positives = make_inputs(take_rows(self.values, self.offsets, rows), maxlen,
                                             rng)
-            if not cfg.trim_batches and inputs.shape[1] < model_config.maxlen:
-                pad = ((0, 0), (model_config.maxlen - inputs.shape[1], 0))
+            if not cfg.trim_batches and inputs.shape[1] < maxlen:
+                pad = ((0, 0), (maxlen - inputs.shape[1], 0))
                 inputs, positives = np.pad(inputs, pad), np.pad(positives, pad)
-            positions += inputs.size
-            negatives = batch_negatives(cfg.loss, rng, positives, cfg.negatives, num_items,
-                                        probs)
-            total_loss += float(train_step(inputs, positives, negatives))
-            steps += 1
-            sequences_seen += len(rows)
-        train_seconds = time.time() - started
-        metrics = {}
-        if validate:
-            sums, counts = evaluate_examples(model, (v_values, v_offsets), v_targets,
-                                             batch_size=cfg.eval_batch_size, reduce="sum")
-            names = sorted(sums)
-            totals = all_sum(tf.constant([sums[n] for n in names] + [counts],
-                                         tf.float64)).numpy()
-            users = max(totals[-1], 1.0)
-            metrics = {name: float(totals[i] / users) for i, name in enumerate(names)}
-        throughput, positions = all_sum(
-            tf.constant([sequences_seen, positions], tf.float64)).numpy()
-        record = {"epoch": epoch, "loss": total_loss / max(steps, 1), "lr": lr,
-                  "sequences_per_s": throughput / max(train_seconds, 1e-9),
-                  "positions_per_s": positions / max(train_seconds, 1e-9),
-                  "epoch_seconds": time.time() - started, "train_seconds": train_seconds,
-                  **({"valid_users": int(totals[-1])} if validate else {}),
-                  **{f"valid_{k}": v for k, v in metrics.items()}}
-        # without validation every epoch counts as an improvement: the last one is kept
-        score = metrics.get("NDCG@10", 0.0) if validate else float(epoch)
-        improved = score > state["best"]
-        # every worker sees the same (all-reduced) numbers, so all stop at the same epoch
-        mean_seconds = all_sum(tf.constant([train_seconds], tf.float64)).numpy()[0] / world
-        mine = _weights_fingerprint(model)
-        mean_fingerprint = all_sum(tf.constant([mine], tf.float64)).numpy()[0] / world
-        # 0 when every worker holds the same weights (data-parallel replicas in sync)
-        record["replica_weight_gap"] = abs(mean_fingerprint - mine) / max(abs(mine), 1e-30)
-        state.update(epoch=epoch, best=max(state["best"], score),
-                     bad_epochs=0 if improved else state["bad_epochs"] + 1,
-                     train_seconds=state.get("train_seconds", 0.0) + float(mean_seconds))
-        state["history"].append(record)
-        report = ({**record, "NDCG@10": score, "best_NDCG@10": state["best"]} if validate
-                  else dict(record))
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(tmp, model, optimizer, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=ckpt)
-        if rank == 0 and loop_config["train"].get("verbose", True):
-            valid_text = (f"valid NDCG@10 {score:.4f} HR@10 {metrics.get('HR@10', 0.0):.4f}"
-                          f"{'  *' if improved else ''}" if validate
-                          else f"(holdout {cfg.holdout}: no validation)")
-            print(f"epoch {epoch:>3}: loss {record['loss']:.4f}  "
-                  f"{record['sequences_per_s']:,.0f} seq/s  {valid_text}", flush=True)
-        _maybe_inject_fault(loop_config.get("fault"), epoch, rank, world)
+            negatives = batch_negatives(cfg.loss, rng, positives, cfg.negatives,
+                                        self.model_config.num_items, self.probs)
+            total_loss += float(self.train_step(inputs, positives, negatives))
+            steps, sequences, positions = steps + 1, sequences + len(rows), \
+                positions + inputs.size
+        seconds = time.time() - started
+        sequences, positions = self.all_sum([sequences, positions])
+        return {"loss": total_loss / max(steps, 1), "steps": steps,
+                "sequences_per_s": sequences / max(seconds, 1e-9),
+                "positions_per_s": positions / max(seconds, 1e-9), "train_seconds": seconds}
+
+    def validate(self) -> dict:
+        """Validation metrics over every worker's share of users ({} without validation)."""
+        if self.valid is None:
+            return {}
+        histories, targets = self.valid
+        sums, counts = evaluate_examples(self.model, histories, targets,
+                                         batch_size=self.cfg.eval_batch_size, reduce="sum")
+        names = sorted(sums)
+        totals = self.all_sum([sums[n] for n in names] + [counts])
+        users = max(totals[-1], 1.0)
+        return {"valid_users": int(totals[-1]),
+                **{f"valid_{name}": float(totals[i] / users) for i, name in enumerate(names)}}
+
+    def mean(self, value: float) -> float:
+        return float(self.all_sum([value])[0] / self.world)
+
+    def replica_weight_gap(self) -> float:
+        """0 when every worker holds the same weights (data-parallel replicas in sync)."""
+        mine = _weights_fingerprint(self.model)
+        return abs(self.mean(mine) - mine) / max(abs(mine), 1e-30)
+
+
+def _valid_share(path: str, rank: int, world: int):
+    """This worker's share of the validation examples: ((values, offsets), targets)."""
+    valid = np.load(path, allow_pickle=False)
+    rows = np.flatnonzero(valid["user_index"] % world == rank)
+    return (take_rows(valid["history_values"], valid["history_offsets"], rows),
+            valid["targets"][rows])
+
+
+def _update_state(state: dict, record: dict, mean_seconds: float, validate: bool):
+    """Early-stopping state after an epoch -> (improved, score). Every worker sees the same
+    all-reduced numbers, so all stop at the same epoch."""
+    # without validation every epoch counts as an improvement: the last one is kept
+    score = record.get("valid_NDCG@10", 0.0) if validate else float(record["epoch"])
+    improved = score > state["best"]
+    state.update(epoch=record["epoch"], best=max(state["best"], score),
+                 bad_epochs=0 if improved else state["bad_epochs"] + 1,
+                 train_seconds=state.get("train_seconds", 0.0) + mean_seconds)
+    state["history"].append(record)
+    return improved, score
+
+
+def _report(w: _Worker, state: dict, record: dict, score: float):
+    """ray.train.report the epoch, with a checkpoint written by rank 0."""
+    import ray.train
+
+    report = ({**record, "NDCG@10": score, "best_NDCG@10": state["best"]}
+              if w.valid is not None else dict(record))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            _save_checkpoint(tmp, w.model, w.optimizer, state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=ckpt)
+
+
+def _epoch_line(record: dict, score: float, improved: bool, holdout: str) -> str:
+    """One line a user reads per epoch."""
+    if holdout == "valid":
+        valid = (f"valid NDCG@10 {score:.4f} HR@10 {record.get('valid_HR@10', 0.0):.4f}"
+                 f"{'  *' if improved else ''}")
+    else:
+        valid = f"(holdout {holdout}: no validation)"
+    return (f"epoch {record['epoch']:>3}: loss {record['loss']:.4f}  {record['steps']} steps  "
+            f"{record['sequences_per_s']:,.0f} seq/s  {valid}")
 
 
 def _weights_fingerprint(model) -> float:
@@ -418,9 +452,7 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
 
     Options are those of :class:`TrainConfig`. Returns the model's metrics dict.
     """
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
-
+    import ray
 
     config = TrainConfig(**options)
     prepared = load_prepared(data)
@@ -432,45 +464,14 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
         os.path.dirname(os.path.abspath(output)), ".ezsasrec_runs"))
     os.makedirs(storage, exist_ok=True)
 
-    # Validation examples and item popularity: small arrays on the shared storage path.
-    aux_dir = os.path.join(storage, run_name + "-inputs")
-    os.makedirs(aux_dir, exist_ok=True)
-    valid_path = None
-    if config.holdout == "valid":
-        user_index, histories, targets = prepared.holdout_examples("valid")
-        valid_path = os.path.join(aux_dir, "valid.npz")
-        np.savez(valid_path, user_index=user_index, history_values=histories.values.to_numpy(),
-                 history_offsets=histories.offsets.to_numpy().astype(np.int64),
-                 targets=targets)
-    score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
-    popularity = np.zeros(prepared.num_items + 1, np.float64)
-    counts = prepared.items()
-    popularity[counts["index"].to_numpy()] = counts["count"].to_numpy()
-    popularity_path = os.path.join(aux_dir, "popularity.npy")
-    np.save(popularity_path, popularity)
-
-    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1))
-                                         // config.num_workers)
     loop_config = {"train": asdict(config), "model": model_config.to_dict(),
-                   "threads": cpus, "valid_path": valid_path,
-                   "popularity_path": popularity_path,
-                   "fault": _fault_from_env()}
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=score_attribute,
-                checkpoint_score_order="max")),
-        # Materialized first, so feeding the workers needs no CPU slot: on a small machine
-        # the training workers hold every CPU and a lazy read would wait forever.
-        datasets={"train": _training_dataset(prepared, config.holdout).materialize()},
-    )
+                   "threads": config.cpus_per_worker or max(
+                       1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers),
+                   "fault": _fault_from_env(),
+                   **_worker_inputs(prepared, config, os.path.join(storage, run_name + "-inputs"))}
+    score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
+    trainer = _trainer(config, loop_config, run_name, storage, score_attribute,
+                       _training_dataset(prepared, config.holdout))
     started = time.time()
     result = trainer.fit()
     if result.error:
@@ -484,6 +485,50 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite)
     return metrics
+
+
+def _worker_inputs(prepared, config: TrainConfig, aux_dir: str) -> dict:
+    """Validation examples and item popularity as small .npz/.npy files on the storage path
+    (every worker reads them; no pickle)."""
+    os.makedirs(aux_dir, exist_ok=True)
+    valid_path = None
+    if config.holdout == "valid":
+        user_index, histories, targets = prepared.holdout_examples("valid")
+        valid_path = os.path.join(aux_dir, "valid.npz")
+        np.savez(valid_path, user_index=user_index, history_values=histories.values.to_numpy(),
+                 history_offsets=histories.offsets.to_numpy().astype(np.int64),
+                 targets=targets)
+    popularity = np.zeros(prepared.num_items + 1, np.float64)
+    counts = prepared.items()
+    popularity[counts["index"].to_numpy()] = counts["count"].to_numpy()
+    popularity_path = os.path.join(aux_dir, "popularity.npy")
+    np.save(popularity_path, popularity)
+    return {"valid_path": valid_path, "popularity_path": popularity_path}
+
+
+def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str,
+             score_attribute: str, dataset):
+    """The TensorflowTrainer of a run: workers, failures, checkpoints kept by score."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": loop_config["threads"],
+                                  **({"GPU": 1} if config.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order="max")),
+        # Materialized first, so feeding the workers needs no CPU slot: on a small machine
+        # the training workers hold every CPU and a lazy read would wait forever.
+        datasets={"train": dataset.materialize()},
+    )
 
 
 def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainConfig,
