@@ -9,6 +9,7 @@ import sys
 
 from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
 from .options import OPTION_KEY, add_arguments, defaults, from_namespace
+from .runtime import quiet_ray_data_progress, quiet_ray_logs
 
 
 def _bool_or_none(text: str) -> bool:
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     quiet_ray_data_errors()
+    quiet_ray_logs()  # our own lines, Ray's warnings and errors; Ray's INFO lines in its logs
+    quiet_ray_data_progress()
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -25,11 +25,14 @@ import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from .model_io import CONFIG_FILE, WEIGHTS_FILE
+from .runtime import quiet_native_logs
+
+with quiet_native_logs():  # TensorFlow's C++ start-up lines go to the debug log
+    import keras
+    import tensorflow as tf
 
 # -----------------------------------------------------------------------------
 # config
@@ -278,8 +281,9 @@ class SASRec(keras.Model):
 
 def build_model(config: SASRecConfig) -> SASRec:
     """A SASRec with its weights created (called once on a dummy batch)."""
-    model = SASRec(config)
-    model(np.zeros((1, config.maxlen), dtype=np.int32), training=False)
+    with quiet_native_logs():  # the first op may initialize the devices (cuInit without a GPU)
+        model = SASRec(config)
+        model(np.zeros((1, config.maxlen), dtype=np.int32), training=False)
     return model
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
 from .options import check_values, defaults, yaml_keys
 from .outputs import write_json_atomic
+from .runtime import quiet_ray_data_progress, quiet_ray_logs
 
 STAGES = ("prepare", "train", "evaluate", "score")
 SECTIONS = ("workdir", "ray", *STAGES)
@@ -745,6 +746,8 @@ def main(argv: Sequence[str] | None = None, *, stages: Sequence[str] = STAGES,
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser(prog, stages).parse_args(argv)
     quiet_ray_data_errors()
+    quiet_ray_logs()  # our own lines, Ray's warnings and errors; Ray's INFO lines in its logs
+    quiet_ray_data_progress()
     force = () if args.force is None else (args.force or stages)
     try:
         config = load_config(args.config, args.set, workdir=args.workdir, address=args.address)

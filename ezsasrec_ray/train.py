@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -32,7 +33,7 @@ from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .options import check_instance, option
 from .ranking import evaluate_examples
-from .runtime import init_ray, set_threads
+from .runtime import init_ray, quiet_native_logs, quiet_ray_logs, set_threads
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --help`` stays fast)
     from .fit import Adam
@@ -211,6 +212,7 @@ def train_loop_per_worker(loop_config: dict):
     """Ray Train worker: train, validate and checkpoint. ``loop_config`` is plain data."""
     import ray.train
 
+    quiet_ray_logs()  # also on a cluster: no INFO line per report and checkpoint
     w = _Worker(loop_config)
     state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
@@ -234,7 +236,9 @@ def train_loop_per_worker(loop_config: dict):
                                         cfg.holdout == "valid")
         _report(w, state, record, score)
         if w.rank == 0 and loop_config["train"].get("verbose", True):
-            print(_epoch_line(record, score, improved, cfg.holdout), flush=True)
+            # sys.__stdout__: Ray Train's patched print would write the line twice
+            print(_epoch_line(record, score, improved, cfg.holdout), file=sys.__stdout__,
+                  flush=True)
         _maybe_inject_fault(loop_config.get("fault"), epoch, w.rank, w.world)
 
 
@@ -510,7 +514,9 @@ def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str
              score_attribute: str, dataset):
     """The TensorflowTrainer of a run: workers, failures, checkpoints kept by score."""
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+
+    with quiet_native_logs():  # ray.train.tensorflow imports TensorFlow
+        from ray.train.tensorflow import TensorflowTrainer
 
     return TensorflowTrainer(
         train_loop_per_worker,
@@ -521,6 +527,9 @@ def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str
                                   **({"GPU": 1} if config.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage,
+            # Ray Train's INFO lines (every report, checkpoint, resource request) stay in its
+            # log files; the console gets our epoch lines, Ray's warnings and errors
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=score_attribute,

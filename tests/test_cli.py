@@ -17,7 +17,7 @@ import yaml
 from ezsasrec_ray import cli
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.evaluate import EvaluateConfig
-from ezsasrec_ray.options import check_values, defaults
+from ezsasrec_ray.options import check_values, defaults, from_namespace
 from ezsasrec_ray.pipeline import Pipeline, section_classes, section_keys
 from ezsasrec_ray.prepare import PrepareConfig
 from ezsasrec_ray.score import ScoreConfig
@@ -85,8 +85,8 @@ def test_cli_defaults_are_the_config_defaults(command):
     if command == "serve":
         assert args.batch_wait_ms / 1000.0 == expected["batch_wait_timeout_s"]
     if command != "serve":  # ServeConfig checks that the model directory exists
-        config = cli._options(cls, args)
-        assert {k: v for k, v in config.items() if k in expected} == expected
+        config = from_namespace(cls, args)  # what the CLI builds before calling the stage
+        assert {k: getattr(config, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "score"])
@@ -185,8 +185,8 @@ def test_hand_written_flags_keep_their_behaviour(tmp_path, capsys):
     assert parse("prepare", *base, "--header", "no").header is False
     assert parse("prepare", *base).header is None
     args = parse("prepare", *base, "--k-core", "3", "--user-col", "0")
-    config = cli._options(PrepareConfig, args)
-    assert (config["min_user"], config["min_item"], config["user_col"]) == (3, 3, "0")
+    config = from_namespace(PrepareConfig, args)
+    assert (config.min_user, config.min_item, config.user_col) == (3, 3, "0")
     assert parse("evaluate", *MINIMAL["evaluate"][1], "--include-seen").exclude_seen is False
     assert parse("evaluate", *MINIMAL["evaluate"][1], "--k", "5", "10").ks == [5, 10]
     assert parse("score", *MINIMAL["score"][1], "--include-seen").include_seen is True
@@ -194,8 +194,8 @@ def test_hand_written_flags_keep_their_behaviour(tmp_path, capsys):
     assert args.use_gpu and args.xla and args.overwrite
     model = str(tmp_path)
     args = parse("serve", "--model", model, "--batch-wait-ms", "20", "--replicas", "2")
-    config = cli._options(ServeConfig, args, batch_wait_timeout_s=args.batch_wait_ms / 1000.0)
-    assert config["batch_wait_timeout_s"] == 0.02 and args.replicas == 2
+    config = from_namespace(ServeConfig, args, batch_wait_timeout_s=args.batch_wait_ms / 1000.0)
+    assert config.batch_wait_timeout_s == 0.02 and args.replicas == 2
     assert args.address is None and args.port == 8000 and args.host == "127.0.0.1"
 
 
@@ -257,10 +257,10 @@ def test_run_passes_every_option_to_the_stage(command, monkeypatch, tmp_path, ca
 def test_cross_field_checks_name_the_flag():
     args = parse("train", *MINIMAL["train"][1], "--optimizer", "lazy_adam", "--xla")
     with pytest.raises(EzSASRecError, match="--optimizer lazy_adam: not with --xla"):
-        cli._options(TrainConfig, args)
+        from_namespace(TrainConfig, args)
     args = parse("prepare", *MINIMAL["prepare"][1], "--split", "time")
     with pytest.raises(EzSASRecError, match="--split time needs --cutoff"):
-        cli._options(PrepareConfig, args)
+        from_namespace(PrepareConfig, args)
     args = parse("synth", "--output", "o", "--events", "10")
     with pytest.raises(EzSASRecError, match="--events 10 is too few"):
-        cli._options(SynthConfig, args)
+        from_namespace(SynthConfig, args)

@@ -3,19 +3,16 @@
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_path
+from conftest import dead_pid, output_host, run_cli, shared_path, write_tsv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ezsasrec_ray import outputs
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError, PrepareError
 from ezsasrec_ray.prepare import prepare
@@ -50,13 +47,6 @@ def events_from_prepared(path: str) -> pd.DataFrame:
         "item": items[flat - 1],
         "position": np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else [],
     })
-
-
-def write_tsv(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write("\t".join(str(v) for v in row) + "\n")
-    return str(path)
 
 
 def run_prepare(src, out, **options):
@@ -281,9 +271,8 @@ def test_load_prepared_rejects_bad_directories(tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path):
     (tmp_path / "log.tsv").write_text("1\t2\n3\t4\t\n")
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ezsasrec_ray.cli", "prepare", "--input", str(tmp_path / "x.csv"),
-         "--output", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_cli("prepare", "--input", tmp_path / "x.csv", "--output", tmp_path / "o",
+                   env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"ezsasrec prepare: error: {tmp_path / 'x.csv'}: input not found")
@@ -295,10 +284,7 @@ def test_cli_overwrite_never_replaces_a_users_directory(tmp_path):
     photos.mkdir()
     (photos / "holiday.jpg").write_bytes(b"not ours")
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ezsasrec_ray.cli", "prepare", "--input", str(src),
-         "--output", str(photos), "--overwrite"], capture_output=True, text=True, env=env,
-        timeout=120)
+    proc = run_cli("prepare", "--input", src, "--output", photos, "--overwrite", env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(photos) in lines[0] and "not written by ezsasrec_ray" in \
@@ -310,9 +296,7 @@ def test_cli_overwrite_never_replaces_a_users_directory(tmp_path):
 def test_killed_run_temporaries_are_removed_by_the_next_run(tmp_path):
     src = write_tsv(tmp_path / "log.tsv", [(u, (u * i) % 7 + 1, i) for u in range(1, 30)
                                            for i in range(6)])
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".o.tmp-{outputs._host()}-{dead.pid}-0123abcd"
+    stale = tmp_path / f".o.tmp-{output_host()}-{dead_pid()}-0123abcd"
     (stale / "sequences").mkdir(parents=True)
     run_prepare(src, tmp_path / "o", k_core=2)
     assert sorted(os.listdir(tmp_path)) == ["log.tsv", "o"]

@@ -5,13 +5,12 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_path
+from conftest import shared_path, write_tsv
 
 from ezsasrec_ray.easy import (
     SASREC,
     SASRecDataSet,
     WarpSampler,
-    _sample_unseen,
     filter_k_core,
     load_model,
     to_sasrec_data,
@@ -188,23 +187,18 @@ def test_saved_model_has_no_pickle_and_reloads_identically(quickstart, tmp_path)
         model.recommend_item(data, user_map, raw, top_n=5)
     assert loaded.args() == model.args() and loaded.epoch == model.epoch == 3
     keras_model = ezsasrec_ray.load_model(directory)  # the package's loader reads it too
-    np.testing.assert_array_equal(keras_model.item_embeddings().numpy(), loaded._item_table())
+    np.testing.assert_array_equal(keras_model.item_embeddings().numpy(),
+                                  loaded.sasrec.item_embeddings().numpy())
 
 
 # --------------------------------------------------------------------------------------------
 # ezSASRec's faults
 
 
-def write_lines(path, pairs):
-    with open(path, "w") as f:
-        f.writelines(f"{u}\t{i}\n" for u, i in pairs)
-    return str(path)
-
-
 def test_few_users_and_a_big_batch_still_train(tmp_path):
     rng = np.random.default_rng(0)
     pairs = [(u, int(i)) for u in range(1, 21) for i in rng.integers(1, 30, 8)]
-    data = SASRecDataSet(write_lines(tmp_path / "d.txt", pairs))
+    data = SASRecDataSet(write_tsv(tmp_path / "d.txt", pairs))
     data.split()
     model = SASREC(item_num=data.itemnum, **SMALL)
     sampler = WarpSampler(data.user_train, data.usernum, data.itemnum, batch_size=2048, maxlen=20)
@@ -217,7 +211,7 @@ def test_few_users_and_a_big_batch_still_train(tmp_path):
 def test_sampler_terminates_on_a_user_who_rated_every_item(tmp_path):
     pairs = [(1, i) for i in range(1, 7)] * 2 + [(2, 1), (2, 2), (2, 3), (2, 4), (3, 5), (3, 6),
                                                   (3, 1)]
-    data = SASRecDataSet(write_lines(tmp_path / "d.txt", pairs))
+    data = SASRecDataSet(write_tsv(tmp_path / "d.txt", pairs))
     data.split()
     sampler = WarpSampler(data.user_train, data.usernum, data.itemnum, batch_size=64, maxlen=5,
                           seed=0)
@@ -240,9 +234,9 @@ def test_sample_unseen_is_exact():
     rows = [rng.choice(np.arange(1, n + 1), rng.integers(0, n), replace=False) for _ in range(30)]
     rows.append(np.arange(1, n + 1))  # has seen everything
     rows.append(np.array([3, 3, 3]))  # repeats
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    values = np.concatenate(rows)
-    draws = _sample_unseen(rng, (values, offsets), (len(rows), 400), n)
+    # every row's items are its user's training items; the sampler draws the negatives
+    sampler = WarpSampler({u: list(r) for u, r in enumerate(rows, 1)}, len(rows), n)
+    draws = sampler.negatives(np.arange(len(rows)), (len(rows), 400), rng)
     for row, seen in zip(draws, rows):
         unseen = set(range(1, n + 1)) - set(seen.tolist())
         assert set(row.tolist()) == (unseen or {0})  # every unseen item, nothing else
@@ -276,7 +270,7 @@ def test_dataset_split_and_formats(tmp_path):
     # users 2 and 9 (gaps in ids), 1 / 2 / 3 / 5 items
     pairs = [(9, 4), (2, 1), (9, 5), (2, 2), (9, 6), (2, 3), (2, 4), (2, 5), (5, 7), (5, 8),
              (7, 1)]
-    data = SASRecDataSet(write_lines(tmp_path / "d.txt", pairs))
+    data = SASRecDataSet(write_tsv(tmp_path / "d.txt", pairs))
     data.split()
     assert (data.usernum, data.itemnum) == (9, 8)
     assert dict(data.User) == {2: [1, 2, 3, 4, 5], 5: [7, 8], 7: [1], 9: [4, 5, 6]}
@@ -346,9 +340,9 @@ def test_bad_arguments_give_clear_errors(quickstart, tmp_path):
     with pytest.raises(EzSASRecError, match="item_num=10"):
         SASREC(**small).evaluate(data)
     with pytest.raises(EzSASRecError, match=r"bad.txt:2: item 'x' is not an integer id"):
-        SASRecDataSet(write_lines(tmp_path / "bad.txt", [(1, 2), (1, "x")])).split()
+        SASRecDataSet(write_tsv(tmp_path / "bad.txt", [(1, 2), (1, "x")])).split()
     with pytest.raises(EzSASRecError, match=r"zero.txt:1: item id 0 < 1"):
-        SASRecDataSet(write_lines(tmp_path / "zero.txt", [(1, 0)])).split()
+        SASRecDataSet(write_tsv(tmp_path / "zero.txt", [(1, 0)])).split()
     with pytest.raises(EzSASRecError, match="file not found"):
         SASRecDataSet(str(tmp_path / "nope.txt")).split()
     with pytest.raises(EzSASRecError, match="nothing to train on"):
@@ -406,20 +400,17 @@ def test_quickstart_on_movielens_small(tmp_path, monkeypatch, capsys):
 
 def test_load_model_reads_a_train_model_directory(tmp_path):
     """A directory in ``ezsasrec train``'s format (no ``easy`` block) loads as a SASREC."""
-    import json
-
-    from ezsasrec_ray.model import SASRecConfig, build_model, save_model_files
-    from ezsasrec_ray.model_io import MODEL_FORMAT_VERSION
+    from ezsasrec_ray.model import SASRecConfig, build_model
+    from ezsasrec_ray.model_io import write_model_dir
 
     net = build_model(SASRecConfig(num_items=12, maxlen=6, dim=8, blocks=1, heads=2))
-    save_model_files(net, tmp_path / "run")
-    with open(tmp_path / "run" / "metrics.json", "w") as f:
-        json.dump({"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
-                   "best_epoch": 4, "valid": {"HR@10": 0.5}}, f)
+    write_model_dir(str(tmp_path / "run"), net, {"best_epoch": 4, "valid": {"HR@10": 0.5}},
+                    overwrite=False)  # train's writer
     model = load_model(str(tmp_path), "run")
     assert (model.item_num, model.seq_max_len, model.embedding_dim) == (12, 6, 8)
     assert (model.epoch, model.best_score) == (4, 0.5)
-    np.testing.assert_array_equal(model._item_table(), net.item_embeddings().numpy())
+    np.testing.assert_array_equal(model.sasrec.item_embeddings().numpy(),
+                                  net.item_embeddings().numpy())
 
 
 def test_save_refuses_to_replace_a_users_directory(quickstart, tmp_path):

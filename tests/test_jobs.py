@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import dead_pid, free_port
 
 from ezsasrec_ray.errors import EzSASRecError, find_user_error
 from ezsasrec_ray.pipeline import (
@@ -81,12 +82,6 @@ def write_config(path: Path, workdir: Path, log: Path, **sections) -> Path:
         config[name].update(values)
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def isolated_env(tmp: str, token: str) -> dict:
@@ -263,9 +258,7 @@ def test_one_run_per_workdir(config_file):
         with pytest.raises(EzSASRecError, match="another pipeline run holds this workdir"):
             run_pipeline(config, stages=("score",), log=lambda _: None)
     assert not lock.exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
     with pytest.raises(StageFailed, match="stage score failed"):  # the stale lock is taken over
         run_pipeline(config, stages=("score",), log=lambda _: None)
     assert not lock.exists()

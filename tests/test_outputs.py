@@ -3,11 +3,10 @@
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import dead_pid, output_host
 
 from ezsasrec_ray import outputs
 from ezsasrec_ray.errors import EzSASRecError
@@ -19,12 +18,6 @@ def _publish(path, files, *, overwrite=False, kind="scores", extra=None):
             with open(os.path.join(w.tmp, name), "w") as f:
                 f.write(text)
     return path
-
-
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _one_line(exc_info):
@@ -123,12 +116,12 @@ def test_does_not_recognise_others(tmp_path, files):
 
 def test_stale_temporaries_are_removed_and_others_kept(tmp_path):
     out = tmp_path / "out"
-    host = outputs._host()
-    dead = tmp_path / f".out.tmp-{host}-{_dead_pid()}-0123abcd"
+    host = output_host()
+    dead = tmp_path / f".out.tmp-{host}-{dead_pid()}-0123abcd"
     live = tmp_path / f".out.tmp-{host}-{os.getpid()}-4567abcd"
     far_old = tmp_path / ".out.tmp-elsewhere-12-89abcdef"
     far_new = tmp_path / ".out.tmp-elsewhere-13-89abcdef"
-    other_output = tmp_path / f".outx.tmp-{host}-{_dead_pid()}-0123abcd"
+    other_output = tmp_path / f".outx.tmp-{host}-{dead_pid()}-0123abcd"
     keep = [live, far_new, other_output, tmp_path / ".out.tmp-keep", tmp_path / ".hidden",
             tmp_path / "out.old-0123abcd"]
     for d in [dead, far_old, *keep]:
@@ -165,7 +158,9 @@ def test_failure_leaves_no_temporary_and_the_previous_output(tmp_path):
 def test_published_directory_is_not_private(tmp_path):
     out = _publish(tmp_path / "out", {"a": "1"})
     mode = stat.S_IMODE(os.stat(out).st_mode)
-    assert mode != 0o700 and mode == 0o777 & ~outputs._umask()
+    plain = tmp_path / "plain"
+    plain.mkdir()  # mode 0o777 less the umask
+    assert mode != 0o700 and mode == stat.S_IMODE(os.stat(plain).st_mode)
 
 
 def test_publish_fixes_a_mkdtemp_directory(tmp_path):

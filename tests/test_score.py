@@ -1,18 +1,17 @@
 """Nightly full-catalog scoring (ezsasrec_ray.score) against a brute-force numpy reference.
 
-Tiny random models (no training) written as model directories; a small prepared log.
+Tiny random models (no training) written as model directories; a small prepared log
+(builders in conftest.py).
 """
 
-import datetime as dt
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import keras
 import numpy as np
-import pandas as pd
 import pytest
 import ray
+from conftest import random_model_dir, read_results, synth_prepared
 
 from ezsasrec_ray import recommend, score_pairs
 from ezsasrec_ray.batching import left_pad
@@ -20,51 +19,22 @@ from ezsasrec_ray.cli import main as cli_main
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.encoder import user_vectors
 from ezsasrec_ray.errors import EzSASRecError
-from ezsasrec_ray.model import SASRecConfig, build_model, save_model_files
-from ezsasrec_ray.model_io import MODEL_FORMAT_VERSION, load_model
-from ezsasrec_ray.prepare import prepare
+from ezsasrec_ray.model_io import load_model
 from ezsasrec_ray.score import FAULT_ENV
-from ezsasrec_ray.synth import synth
 
 TOP_N = 10
-
-
-def write_model_dir(path, data, *, seed=0, fingerprint=None, duplicates=True):
-    """A random SASRec written like train.write_model_dir (what load_model needs).
-
-    Some item rows are copies of others, so exact score ties occur."""
-    keras.utils.set_random_seed(seed)
-    model = build_model(SASRecConfig(num_items=data.num_items, maxlen=8, dim=16, blocks=1,
-                                     heads=2, dropout=0.0))
-    if duplicates:
-        table = model.item_emb.embeddings.numpy()
-        rng = np.random.default_rng(seed)
-        for source in rng.choice(np.arange(1, data.num_items + 1), 6, replace=False):
-            table[rng.integers(1, data.num_items + 1, 3)] = table[source]
-        model.item_emb.embeddings.assign(table)
-    save_model_files(model, path)
-    metrics = {"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
-               "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "data": data.path,
-               "vocab_fingerprint": fingerprint or data.vocab_fingerprint(),
-               "model": model.config.to_dict(), "best_epoch": 0}
-    with open(os.path.join(path, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("score_data")
-    synth(str(root / "log"), users=240, items=90, events=4000, seed=3, themes=4,
-          verbose=False)
-    prepare(str(root / "log"), str(root / "prepared"), k_core=3, verbose=False)
-    return load_prepared(str(root / "prepared"))
+    return load_prepared(synth_prepared(root, users=240, items=90, events=4000, seed=3,
+                                        themes=4))
 
 
 @pytest.fixture(scope="module")
 def model_dir(prepared, tmp_path_factory):
-    return write_model_dir(tmp_path_factory.mktemp("model") / "m", prepared)
+    return random_model_dir(tmp_path_factory.mktemp("model") / "m", prepared)
 
 
 @pytest.fixture(scope="module")
@@ -112,28 +82,6 @@ def reference(model, data, histories, top_n, *, include_seen=False, exclude=(),
         top = [i for i in order if allowed[i]][:top_n]
         out[user] = ([raw_items[i - 1] for i in top], scores[b, top])
     return out
-
-
-def read_results(path, fmt="parquet"):
-    """An output directory -> {user_id: (item id list, float32 scores)}; asserts uniqueness."""
-    results = os.path.join(path, "recommendations")
-    if fmt == "parquet":
-        frame = pd.read_parquet(results)
-    else:
-        frames = []
-        for name in sorted(os.listdir(results)):
-            file = os.path.join(results, name)
-            if fmt == "jsonl":
-                frames.append(pd.read_json(file, lines=True))
-            else:
-                frame = pd.read_csv(file)
-                frame["item_ids"] = frame["item_ids"].map(json.loads)
-                frame["scores"] = frame["scores"].map(json.loads)
-                frames.append(frame)
-        frame = pd.concat(frames, ignore_index=True)
-    assert frame["user_id"].is_unique
-    return {u: (list(i), np.asarray(s, np.float32))
-            for u, i, s in zip(frame["user_id"], frame["item_ids"], frame["scores"])}
 
 
 def assert_same(got, want):
@@ -258,7 +206,7 @@ def test_actor_crash_is_retried_output_complete_and_unduplicated(prepared, model
 
 
 def test_bad_inputs_give_clear_errors(prepared, model_dir, baseline_run, tmp_path):
-    other = write_model_dir(tmp_path / "other", prepared, fingerprint="0" * 64)
+    other = random_model_dir(tmp_path / "other", prepared, fingerprint="0" * 64)
     with pytest.raises(EzSASRecError, match="other vocabularies"):
         recommend(other, prepared.path, output=str(tmp_path / "x"))
     users = tmp_path / "users.txt"

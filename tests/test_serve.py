@@ -6,9 +6,6 @@ A tiny random model on a small synthetic log; the nightly job (``recommend``) an
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,36 +13,27 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from test_score import read_results, write_model_dir
+from conftest import free_port, random_model_dir, read_results, run_cli, synth_prepared
 
 from ezsasrec_ray import recommend, score_pairs
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
-from ezsasrec_ray.prepare import prepare
 from ezsasrec_ray.serve import Query, Recommender, ServeConfig, build_app, deployment_options
-from ezsasrec_ray.synth import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_data")
-    synth(str(root / "log"), users=150, items=60, events=2500, seed=5, themes=4, verbose=False)
-    prepare(str(root / "log"), str(root / "prepared"), k_core=3, verbose=False)
-    return load_prepared(str(root / "prepared"))
+    return load_prepared(synth_prepared(root, users=150, items=60, events=2500, seed=5,
+                                        themes=4))
 
 
 @pytest.fixture(scope="module")
 def models(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_models")
-    return [write_model_dir(root / f"m{seed}", prepared, seed=seed) for seed in (0, 1)]
+    return [random_model_dir(root / f"m{seed}", prepared, seed=seed) for seed in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +294,7 @@ def test_bad_configurations_fail_before_deploying(prepared, models, tmp_path):
         deployment_options(autoscale="3:1")
     assert deployment_options(autoscale="1:4")["autoscaling_config"]["max_replicas"] == 4
     assert deployment_options(replicas=2)["num_replicas"] == 2
-    result = subprocess.run([sys.executable, "-m", "ezsasrec_ray.cli", "serve", "--model",
-                             models[0], "--autoscale", "x"], capture_output=True, text=True,
-                            timeout=120)
+    result = run_cli("serve", "--model", models[0], "--autoscale", "x")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("ezsasrec serve: error: --autoscale")
 

@@ -8,20 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import synth_prepared
 
+from ezsasrec_ray.batching import epoch_batches
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.evaluate import evaluate
 from ezsasrec_ray.fit import Adam, make_train_step
 from ezsasrec_ray.model_io import load_model
-from ezsasrec_ray.prepare import prepare
-from ezsasrec_ray.synth import synth
 from ezsasrec_ray.train import (
     TrainConfig,
     _restore_checkpoint,
     _save_checkpoint,
     build_optimizer,
-    epoch_batches,
     train,
 )
 
@@ -32,10 +31,7 @@ TINY = {"dim": 16, "maxlen": 8, "blocks": 1, "heads": 1, "dropout": 0.1, "batch_
 @pytest.fixture(scope="module")
 def prepared(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    synth(str(root / "log"), users=600, items=60, events=12_000, seed=1, themes=4,
-          verbose=False)
-    prepare(str(root / "log"), str(root / "prepared"), k_core=3, verbose=False)
-    return str(root / "prepared")
+    return synth_prepared(root, users=600, items=60, events=12_000, seed=1, themes=4)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +71,9 @@ def test_loaded_model_matches_saved_embeddings(trained, prepared):
 
 def test_model_refused_with_other_vocabularies(trained, tmp_path):
     path, _ = trained
-    synth(str(tmp_path / "log"), users=100, items=30, events=2000, seed=5, verbose=False)
-    prepare(str(tmp_path / "log"), str(tmp_path / "other"), k_core=2, verbose=False)
+    other = synth_prepared(tmp_path, users=100, items=30, events=2000, seed=5, k_core=2)
     with pytest.raises(EzSASRecError, match="other vocabularies"):
-        evaluate(str(tmp_path / "other"), path)
+        evaluate(other, path)
 
 
 def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monkeypatch):
