@@ -59,10 +59,13 @@ def _gather_right_aligned(values, first, counts, width):
     return np.where(ok, values[idx], 0).astype(np.int32)
 
 
-def take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
-    """The selected rows of a ragged ``(values, offsets)`` array, as a new ``(values, offsets)``."""
-    lengths = offsets[rows + 1] - offsets[rows]
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)])
+def take_rows(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, lengths=None):
+    """The selected rows of a ragged ``(values, offsets)`` array, as a new ``(values, offsets)``;
+    with ``lengths``, only the first ``lengths[b]`` items of row ``rows[b]``."""
+    rows = np.asarray(rows, np.int64)
+    lengths = offsets[rows + 1] - offsets[rows] if lengths is None else \
+        np.asarray(lengths, np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     take = np.repeat(offsets[rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
     return values[take], new_offsets
 

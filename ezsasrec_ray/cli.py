@@ -168,6 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_reference() -> str:
+    """docs/options.md: every subcommand's flags with their defaults and help, read from the
+    parser (so from the config dataclasses), never typed again."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = ["# Options", "",
+             "Generated from the parser (`python -m ezsasrec_ray.cli --options-reference`); "
+             "each stage's options are the fields of its config dataclass, and the YAML "
+             "sections of `jobs/` take the same names (underscores for dashes).", ""]
+    for name, sub in commands.choices.items():
+        sub.format_help()  # adds the subcommand's flags
+        lines += [f"## ezsasrec {name}", "", sub.description or "", "",
+                  "| flag | default | help |", "| --- | --- | --- |"]
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flags = ", ".join(f"`{f}`" for f in action.option_strings)
+            default = "required" if action.required else f"`{action.default}`"
+            text = (action.help or "").replace("%(default)s", str(action.default))
+            text = text.removesuffix(f" (default: {action.default})").replace("|", "\\|")
+            lines.append(f"| {flags} | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _options(cls, args: argparse.Namespace, **overrides) -> dict:
     """The stage's options from the parsed flags, as keyword arguments: the config is built
     (and so checked) here, before Ray starts."""
@@ -222,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if list(argv if argv is not None else sys.argv[1:]) == ["--options-reference"]:
+        print(options_reference())
+        return 0
     args = build_parser().parse_args(argv)
     quiet_ray_data_errors()
     quiet_ray_logs()  # our own lines, Ray's warnings and errors; Ray's INFO lines in its logs

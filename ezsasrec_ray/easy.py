@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from .batching import epoch_batches, left_pad, make_inputs
+from .batching import epoch_batches, left_pad, make_inputs, take_rows
 from .encoder import user_vectors
 from .errors import EzSASRecError
 from .metrics import ranking_metrics
@@ -49,15 +49,6 @@ def _int_arg(name: str, value, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise EzSASRecError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _prefixes(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, lengths: np.ndarray):
-    """The first ``lengths[b]`` items of row ``rows[b]`` of a ragged array -> (values, offsets)."""
-    rows = np.asarray(rows, np.int64)
-    lengths = np.asarray(lengths, np.int64)
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.repeat(offsets[rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    return values[take], new_offsets
 
 
 def _sample_unseen(rng, seen, shape, num_items: int) -> np.ndarray:
@@ -286,7 +277,7 @@ class SASRecDataSet:
         held = lengths >= 3
         n_train = np.where(held, lengths - 2, lengths)
         rows = np.arange(len(ids))
-        train_values, train_offsets = _prefixes(items, offsets, rows, n_train)
+        train_values, train_offsets = take_rows(items, offsets, rows, n_train)
         valid_items = np.where(held, items[np.maximum(offsets[:-1] + lengths - 2, 0)], 0)
         test_items = np.where(held, items[offsets[:-1] + lengths - 1], 0)
         one = held.astype(np.int64)
@@ -347,7 +338,7 @@ class SASRecDataSet:
         """Each row's items without its last ``drop_last`` -> ragged ``(values, offsets)``."""
         split = self._need_split()
         lengths = np.maximum(split["lengths"][rows] - drop_last, 0)
-        return _prefixes(split["values"], split["offsets"], rows, lengths)
+        return take_rows(split["values"], split["offsets"], rows, lengths)
 
     def holdout(self, is_val: bool):
         """Users with a held-out target -> ``(rows, histories, targets)``: the validation
@@ -426,7 +417,7 @@ class WarpSampler:
         """``shape`` = (len(rows), M) negatives for these sampler rows, none in the row's
         training items (0 where the user has trained on every item)."""
         rng = self.rng if rng is None else rng
-        seen = _prefixes(self.values, self.offsets, rows, self.lengths[rows])
+        seen = take_rows(self.values, self.offsets, rows, self.lengths[rows])
         return _sample_unseen(rng, seen, shape, self.itemnum)
 
     def next_batch(self):
@@ -435,7 +426,7 @@ class WarpSampler:
         if self.closed:
             raise EzSASRecError("WarpSampler: next_batch() after close()")
         rows = self.rng.choice(self.trainable, size=self.batch_size)
-        seqs = _prefixes(self.values, self.offsets, rows, self.lengths[rows])
+        seqs = take_rows(self.values, self.offsets, rows, self.lengths[rows])
         seq, pos = make_inputs(seqs, self.maxlen)
         pad = ((0, 0), (self.maxlen - seq.shape[1], 0))
         seq, pos = np.pad(seq, pad), np.pad(pos, pad)
@@ -639,7 +630,7 @@ class SASREC:
         total, steps = 0.0, 0
         for batch in epoch_batches(sampler.lengths[rows_all], batch_size, rng):
             rows = rows_all[batch]
-            seqs = _prefixes(sampler.values, sampler.offsets, rows, sampler.lengths[rows])
+            seqs = take_rows(sampler.values, sampler.offsets, rows, sampler.lengths[rows])
             inputs, positives = make_inputs(seqs, self.seq_max_len, rng)
             # ezSASRec's sampler: negatives the user has not seen
             shape = negative_shape(loss, positives.shape, num_negatives)

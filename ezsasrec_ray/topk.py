@@ -171,6 +171,15 @@ def _as_histories(histories, num_rows):
     return h
 
 
+def _left_pad_rows(rows) -> np.ndarray:
+    """1-D int arrays -> (B, H) left-padded with 0 (at least one column)."""
+    width = max([1] + [r.size for r in rows])
+    out = np.zeros((len(rows), width), np.int64)
+    for b, r in enumerate(rows):
+        out[b, width - r.size:] = r
+    return out
+
+
 def _per_row(options, num_rows, num_items, name):
     """None or B entries (None or item indices) -> None or a list of B (None or int64 (M,)
     arrays in 0..num_items): per-query exclude or candidates."""
@@ -250,6 +259,8 @@ class TopK:
         candidates: int array; if given, only these items are scored and returned (their rows
             are gathered once, so restricting the catalog also makes scoring cheaper).
         chunk_size: items scored per matmul; memory is O(min(B, 512) x chunk_size + B x k).
+        ids: optional raw ids of items 1..N (a sequence of N), for :meth:`query_ids` (ids in
+            and out).
 
     Item 0 is never a candidate. Build one TopK and call it for every batch and request:
     construction copies the allowed rows (in a fixed random order, see :meth:`_stream`) and
@@ -257,9 +268,13 @@ class TopK:
     """
 
     def __init__(self, item_table, *, exclude_items=None, candidates=None,
-                 chunk_size=DEFAULT_CHUNK_SIZE):
+                 chunk_size=DEFAULT_CHUNK_SIZE, ids=None):
         self.table = _as_matrix(item_table, "item_table")
         self.num_items = self.table.shape[0] - 1
+        self.ids = None if ids is None else list(ids)  # position i: the raw id of item i + 1
+        if self.ids is not None and len(self.ids) != self.num_items:
+            raise ValueError(f"ids must name the {self.num_items} items, got {len(self.ids)}")
+        self._index_of = None  # raw id -> item, built on the first query_ids
         if self.num_items < 0 or self.num_items > _MAX_INDEX:
             raise ValueError(f"item_table must have 1..2**31 rows, got {self.table.shape[0]}")
         self.chunk_size = int(chunk_size)
@@ -323,6 +338,33 @@ class TopK:
             top = self._top_rows(users[rows], k, None if histories is None else histories[rows])
             keys[rows, : top.shape[1]] = top
         return decode_keys(keys)
+
+    def query_ids(self, user_vecs, k, *, seen=None, exclude=None, candidates=None):
+        """Ids in and out: :meth:`__call__` with raw ids (``ids`` given at construction).
+
+        seen, exclude, candidates: None or B entries, each None or a list of raw ids (unknown
+        ids are ignored; an empty candidate list gives nothing) -> B lists of
+        ``(raw id, score)``, best first.
+        """
+        if self.ids is None:
+            raise ValueError("query_ids needs the items' raw ids: TopK(..., ids=...)")
+        if self._index_of is None:
+            self._index_of = {raw: i + 1 for i, raw in enumerate(self.ids)}
+        num_rows = _as_matrix(user_vecs, "user_vecs").shape[0]
+        as_items = self._items_of
+        histories = None if seen is None else _left_pad_rows([as_items(r) for r in seen])
+        idx, scores = self(user_vecs, k, histories=histories,
+                           exclude=None if exclude is None else [as_items(r) for r in exclude],
+                           candidates=None if candidates is None
+                           else [None if r is None else as_items(r) for r in candidates])
+        return [[(self.ids[i - 1], float(v)) for i, v in zip(idx[b], scores[b]) if i > 0]
+                for b in range(num_rows)]
+
+    def _items_of(self, raw_ids) -> np.ndarray:
+        """Raw ids -> known item indices (unknown ids dropped)."""
+        found = (self._index_of.get(raw, 0) for raw in (raw_ids if raw_ids is not None else ()))
+        items = np.fromiter(found, np.int64)
+        return items[items > 0]
 
     def is_exact(self):
         """True: results are the exact top k under the tie rule (an approximate index would

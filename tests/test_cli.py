@@ -264,3 +264,14 @@ def test_cross_field_checks_name_the_flag():
     args = parse("synth", "--output", "o", "--events", "10")
     with pytest.raises(EzSASRecError, match="--events 10 is too few"):
         from_namespace(SynthConfig, args)
+
+
+def test_docs_options_is_generated_from_the_parser():
+    """docs/options.md is the parser's own listing; regenerate it with
+    ``python -m ezsasrec_ray.cli --options-reference > docs/options.md``."""
+    import pathlib
+
+    from ezsasrec_ray.cli import options_reference
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "options.md"
+    assert path.read_text().rstrip("\n") == options_reference().rstrip("\n")

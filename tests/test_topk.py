@@ -772,3 +772,28 @@ def test_top_k_property_matches_brute_force(problem):
 def test_module_exports():
     for name in topk.__all__:
         assert hasattr(topk, name)
+
+
+def test_ids_in_and_out_match_indices():
+    rng = np.random.default_rng(7)
+    users, table = float_data(rng, 4, 50, 8)
+    ids = [f"item-{i}" for i in range(1, 51)]
+    index = TopK(table, ids=ids)
+    seen = [["item-3", "nope"], None, [], ["item-10", "item-11"]]
+    exclude = [None, ["item-7"], ["unknown"], None]
+    candidates = [None, None, ["item-1", "item-2", "item-3", "zzz"], None]
+    got = index.query_ids(users, 5, seen=seen, exclude=exclude, candidates=candidates)
+    to_items = [[int(r.split("-")[1]) for r in row if r and r.startswith("item-")]
+                for row in [s or [] for s in seen]]
+    histories = np.zeros((4, 2), np.int64)
+    for b, row in enumerate(to_items):
+        histories[b, 2 - len(row):] = row
+    idx, scores = index(users, 5, histories=histories, exclude=[None, [7], [], None],
+                        candidates=[None, None, [1, 2, 3], None])
+    for b in range(4):
+        assert got[b] == [(f"item-{i}", float(v)) for i, v in zip(idx[b], scores[b]) if i > 0]
+    assert len(got[2]) == 3 and index.is_exact()
+    with pytest.raises(ValueError, match="ids"):
+        TopK(table).query_ids(users, 5)
+    with pytest.raises(ValueError, match="must name the 50 items"):
+        TopK(table, ids=ids[:-1])
