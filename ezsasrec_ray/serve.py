@@ -27,7 +27,7 @@ from .errors import EzSASRecError
 from .model_io import check_vocab, item_vocab, load_model, model_version
 from .options import check_instance, option
 from .runtime import init_ray, set_threads
-from .topk import TopK, exact_scores, top_k_from_scores
+from .topk import TopK, exact_scores
 from .vocab import IdIndex
 
 API_KEY_ENV = "EZSASREC_API_KEY"
@@ -148,8 +148,9 @@ class Recommender:
         items = item_vocab(config.model, data)
         self.items = IdIndex(items)
         counts = items.sort_by("index")["count"].to_numpy()
-        # (1, N+1): item i's training count in column i, column 0 (padding) never returned
-        self.popularity_scores = np.concatenate([[0.0], counts.astype(np.float64)])[None, :]
+        # The fallback ranks by training count through the same retrieval index: a one-column
+        # item table of counts scored by the user vector [1] (exact below 2**24 events an item)
+        self.popular = TopK(np.concatenate([[0.0], counts])[:, None].astype(np.float32))
         self.model_version = config.model_version or model_version(config.model)
         self._warm_up()
         if self.histories is not None and config.precompute_user_vectors:
@@ -244,8 +245,8 @@ class Recommender:
     def _popular(self, query: Query, r: _Resolved) -> dict:
         """The fallback: most popular items (training counts as scores), with the query's
         exclusions and candidates, through the same tie rule as the model's top-k."""
-        idx, scores = top_k_from_scores(self.popularity_scores, query.k,
-                                        exclude_items=r.exclude, candidates=r.candidates)
+        idx, scores = self.popular(np.ones((1, 1), np.float32), query.k, exclude=[r.exclude],
+                                   candidates=[r.candidates])
         return self._answer(idx[0], scores[0], r, fallback=True)
 
     def _answer(self, idx, scores, r: _Resolved, *, fallback: bool) -> dict:
