@@ -120,3 +120,24 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
         rows = rows[np.argsort(lengths[rows], kind="stable")]
         batches.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def history_windows(values: np.ndarray, offsets: np.ndarray, maxlen: int):
+    """Cut each history into windows of at most ``maxlen + 1`` items that together predict
+    every position once: windows end at n, n - maxlen, n - 2 maxlen, ... (and start at 0 or
+    ``maxlen + 1`` before their end). Short histories are kept whole.
+
+    (values, offsets) -> (values, offsets) of the windows, in order of their history.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.diff(offsets)
+    # windows per history: targets 1..n-1, maxlen of them a window (at least one window)
+    counts = np.maximum(1, -(-(lengths - 1) // maxlen))
+    history = np.repeat(np.arange(lengths.size), counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0 = last
+    ends = lengths[history] - k * maxlen
+    starts = np.maximum(0, ends - maxlen - 1)
+    new_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+    take = np.repeat(offsets[history] + starts - new_offsets[:-1], ends - starts) \
+        + np.arange(new_offsets[-1])
+    return np.asarray(values)[take], new_offsets

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from . import outputs
 from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
 from .options import OPTION_KEY, add_arguments, defaults, from_namespace
 from .runtime import quiet_ray_data_progress, quiet_ray_logs
@@ -90,6 +91,8 @@ def _evaluate_flags(p: argparse.ArgumentParser):
                    help="do not exclude the user's history from the ranking (default: False)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (default: False)")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="do not write the result to MODEL/evaluation.json (default: False)")
 
 
 def _score_flags(p: argparse.ArgumentParser):
@@ -200,6 +203,19 @@ def _options(cls, args: argparse.Namespace, **overrides) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init}
 
 
+def _save_evaluation(result: dict, model_dir: str, stream):
+    """evaluate()'s result as MODEL/evaluation.json (atomically), and one line saying where;
+    a directory we may not write to gets a warning, not a failed run."""
+    path = os.path.join(model_dir, "evaluation.json")
+    try:
+        outputs.write_json_atomic(path, result)
+    except OSError as exc:
+        print(f"ezsasrec evaluate: warning: could not write {path} ({exc.strerror or exc}); "
+              "--no-save skips it", file=sys.stderr)
+        return
+    print(f"evaluation written to {path}", file=stream)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from .synth import SynthConfig, synth
@@ -230,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
 
         result = evaluate(args.data, args.model, **_options(EvaluateConfig, args))
         print(json.dumps(result) if args.json else format_table(result))
+        if args.save and os.path.isdir(args.model):
+            _save_evaluation(result, args.model, sys.stderr if args.json else sys.stdout)
     elif args.command == "score":
         from .score import ScoreConfig, recommend
 

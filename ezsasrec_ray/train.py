@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import outputs
-from .batching import epoch_batches, make_inputs, take_rows
+from .batching import epoch_batches, history_windows, make_inputs, take_rows
 from .dataset import HOLDOUTS, load_prepared, training_sequences
 from .errors import EzSASRecError
+from .metrics import MarkovBaseline, PopularityBaseline, ranking_metrics
 from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .options import check_instance, option
-from .ranking import evaluate_examples
+from .ranking import baseline_ranks, evaluate_examples
 from .runtime import init_ray, quiet_native_logs, quiet_ray_logs, set_threads
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --help`` stays fast)
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --h
 TRAIN_STATE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.npz"
 OPTIMIZERS = ("auto", "adam", "lazy_adam")
+AUTO_EVAL_STEPS = 100  # fewest optimizer steps between validation rounds by default
 LOSS_NAMES = ("bce", "sampled_softmax", "softmax", "gbce")  # the keys of losses.LOSSES
 
 
@@ -85,7 +87,12 @@ class TrainConfig:
     precision: str = option("float32", "float32, or mixed precision on a GPU",
                             choices=("float32", "mixed_bfloat16", "mixed_float16"))
     xla: bool = option(False, "jit-compile the training step with XLA")
-    patience: int = option(3, "epochs without a better validation NDCG@10 before stopping", min=1)
+    patience: int = option(3, "validation rounds without a better validation NDCG@10 before "
+                              "stopping", min=1)
+    eval_every_steps: int | None = option(
+        None, "optimizer steps between validation rounds (a round ends with the epoch that "
+              f"completes them; default: the larger of {AUTO_EVAL_STEPS} and one epoch)", min=1)
+    min_steps: int = option(500, "optimizer steps before early stopping may end a run", min=0)
     # What to train on (data.fit_lengths): valid = hold out the validation and test targets
     # (validation metrics, early stopping, best epoch kept); test = also train on the
     # validation targets, the final model for a test evaluation (no validation: runs the
@@ -209,37 +216,62 @@ def _restore_checkpoint(directory: str, model, optimizer) -> dict:
 
 
 def train_loop_per_worker(loop_config: dict):
-    """Ray Train worker: train, validate and checkpoint. ``loop_config`` is plain data."""
+    """Ray Train worker: train, validate and checkpoint. ``loop_config`` is plain data.
+
+    Validation rounds follow the data, not the epoch count: a round (validate, checkpoint,
+    report) ends after the epoch that completes ``eval_every`` optimizer steps since the last
+    one, and after the last epoch; patience counts rounds, and no run stops early before
+    ``min_steps``.
+    """
     import ray.train
 
     quiet_ray_logs()  # also on a cluster: no INFO line per report and checkpoint
     w = _Worker(loop_config)
-    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "best": -1.0, "bad_rounds": 0, "steps": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = _restore_checkpoint(directory, w.model, w.optimizer)
         state["resumed_from_epoch"] = state["epoch"]
-    cfg = w.cfg
+    cfg, since_round = w.cfg, 0
+    verbose = w.rank == 0 and loop_config["train"].get("verbose", True)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if state["bad_epochs"] >= cfg.patience:
-            break
-        if cfg.time_budget_s and state.get("train_seconds", 0.0) >= cfg.time_budget_s:
+        if _should_stop(cfg, state):
             break
         # from the all-reduced state, so every worker sets the same rate
         lr = cfg.effective_lr() * cfg.lr_factor(epoch - 1, state.get("train_seconds", 0.0))
         started = time.time()
-        record = {"epoch": epoch, "lr": lr, **w.train_epoch(epoch, lr), **w.validate()}
+        record = {"epoch": epoch, "lr": lr, **w.train_epoch(epoch, lr)}
+        state["steps"] = state.get("steps", 0) + record["steps"]
+        state["train_seconds"] = state.get("train_seconds", 0.0) + w.mean(record["train_seconds"])
+        record["total_steps"] = state["steps"]
+        since_round += record["steps"]
+        budget_spent = cfg.time_budget_s and state["train_seconds"] >= cfg.time_budget_s
+        if since_round < w.eval_every and epoch < cfg.epochs and not budget_spent:
+            state["history"].append(record)  # a round ends later: no validation now
+            if verbose:
+                print(_epoch_line(record, None, False, cfg.holdout), file=sys.__stdout__,
+                      flush=True)
+            continue
+        since_round = 0
+        record.update(w.validate())
         record["epoch_seconds"] = time.time() - started
         record["replica_weight_gap"] = w.replica_weight_gap()
-        improved, score = _update_state(state, record, w.mean(record["train_seconds"]),
-                                        cfg.holdout == "valid")
+        improved, score = _update_state(state, record, cfg.holdout == "valid")
         _report(w, state, record, score)
-        if w.rank == 0 and loop_config["train"].get("verbose", True):
+        if verbose:
             # sys.__stdout__: Ray Train's patched print would write the line twice
             print(_epoch_line(record, score, improved, cfg.holdout), file=sys.__stdout__,
                   flush=True)
         _maybe_inject_fault(loop_config.get("fault"), epoch, w.rank, w.world)
+
+
+def _should_stop(cfg: TrainConfig, state: dict) -> bool:
+    """Early stopping (patience in validation rounds, never before min_steps) or the budget."""
+    if state.get("bad_rounds", state.get("bad_epochs", 0)) >= cfg.patience and \
+            state.get("steps", 0) >= cfg.min_steps:
+        return True
+    return bool(cfg.time_budget_s and state.get("train_seconds", 0.0) >= cfg.time_budget_s)
 
 
 class _Worker:
@@ -262,7 +294,9 @@ class _Worker:
             keras.mixed_precision.set_global_policy(cfg.precision)
         self.strategy = (tf.distribute.MultiWorkerMirroredStrategy() if self.world > 1
                          else tf.distribute.get_strategy())
-        self.values, self.offsets = _load_worker_shard(ray.train.get_dataset_shard("train"))
+        # every position of a long history is trained on each epoch (windows that cover it)
+        self.values, self.offsets = history_windows(
+            *_load_worker_shard(ray.train.get_dataset_shard("train")), self.model_config.maxlen)
         self.valid = None  # without a validation holdout its targets are trained on
         if cfg.holdout == "valid":
             self.valid = _valid_share(loop_config["valid_path"], self.rank, self.world)
@@ -272,6 +306,15 @@ class _Worker:
         popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
         self.train_step, self.probs = self._step(popularity)
         self.all_sum = self._all_sum()
+        self.steps_per_epoch, self.eval_every = self._schedule()
+
+    def _schedule(self) -> tuple[int, int]:
+        """Steps per epoch, the same on every worker (the smallest shard's: every replica must
+        run each step), and the steps between validation rounds."""
+        mine = np.zeros(self.world)
+        mine[self.rank] = -(-(len(self.offsets) - 1) // self.cfg.batch_size)
+        steps = int(self.all_sum(mine).min())
+        return steps, self.cfg.eval_every_steps or max(AUTO_EVAL_STEPS, steps)
 
     def _step(self, popularity):
         """The compiled step of the configured loss, and the negative-sampling weights."""
@@ -311,8 +354,9 @@ class _Worker:
         self.optimizer.set_learning_rate(lr)
         started = time.time()
         total_loss, steps, sequences, positions = 0.0, 0, 0, 0
-        for rows in epoch_batches(np.diff(self.offsets), cfg.batch_size, rng,
-                                  32 if cfg.trim_batches else 1):
+        batches = epoch_batches(np.diff(self.offsets), cfg.batch_size, rng,
+                                32 if cfg.trim_batches else 1)
+        for rows in batches[:self.steps_per_epoch]:  # the same step count on every worker
             inputs, positives = make_inputs(take_rows(self.values, self.offsets, rows), maxlen,
                                             rng)
             if not cfg.trim_batches and inputs.shape[1] < maxlen:
@@ -359,15 +403,14 @@ def _valid_share(path: str, rank: int, world: int):
             valid["targets"][rows])
 
 
-def _update_state(state: dict, record: dict, mean_seconds: float, validate: bool):
-    """Early-stopping state after an epoch -> (improved, score). Every worker sees the same
-    all-reduced numbers, so all stop at the same epoch."""
-    # without validation every epoch counts as an improvement: the last one is kept
+def _update_state(state: dict, record: dict, validate: bool):
+    """Early-stopping state after a validation round -> (improved, score). Every worker sees
+    the same all-reduced numbers, so all stop at the same epoch."""
+    # without validation every round counts as an improvement: the last one is kept
     score = record.get("valid_NDCG@10", 0.0) if validate else float(record["epoch"])
     improved = score > state["best"]
     state.update(epoch=record["epoch"], best=max(state["best"], score),
-                 bad_epochs=0 if improved else state["bad_epochs"] + 1,
-                 train_seconds=state.get("train_seconds", 0.0) + mean_seconds)
+                 bad_rounds=0 if improved else state.get("bad_rounds", 0) + 1)
     state["history"].append(record)
     return improved, score
 
@@ -386,15 +429,18 @@ def _report(w: _Worker, state: dict, record: dict, score: float):
         ray.train.report(report, checkpoint=ckpt)
 
 
-def _epoch_line(record: dict, score: float, improved: bool, holdout: str) -> str:
-    """One line a user reads per epoch."""
-    if holdout == "valid":
+def _epoch_line(record: dict, score, improved: bool, holdout: str) -> str:
+    """One line a user reads per epoch (validation metrics on the epochs that end a round)."""
+    if score is None:
+        valid = ""
+    elif holdout == "valid":
         valid = (f"valid NDCG@10 {score:.4f} HR@10 {record.get('valid_HR@10', 0.0):.4f}"
                  f"{'  *' if improved else ''}")
     else:
         valid = f"(holdout {holdout}: no validation)"
-    return (f"epoch {record['epoch']:>3}: loss {record['loss']:.4f}  {record['steps']} steps  "
-            f"{record['sequences_per_s']:,.0f} seq/s  {valid}")
+    return (f"epoch {record['epoch']:>3}: loss {record['loss']:.4f}  {record['steps']} steps "
+            f"({record['total_steps']:,} in all)  {record['sequences_per_s']:,.0f} seq/s  "
+            f"{valid}").rstrip()
 
 
 def _weights_fingerprint(model) -> float:
@@ -485,10 +531,30 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     with result.checkpoint.as_directory() as latest:
         with open(os.path.join(latest, TRAIN_STATE)) as f:
             state = json.load(f)
+    baselines = _valid_baselines(prepared, config.holdout)
     with best_checkpoint.as_directory() as directory:
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
-                                  best_metrics, time.time() - started, overwrite)
+                                  best_metrics, time.time() - started, overwrite,
+                                  baselines=baselines)
     return metrics
+
+
+def _valid_baselines(prepared, holdout: str) -> dict:
+    """Validation metrics of the popularity and first-order Markov baselines, fitted on the
+    model's training items and ranked on the validation users and targets the model is
+    validated on (same exclusions and tie rule); ``{}`` without a validation holdout."""
+    if holdout != "valid":
+        return {}
+    _, histories, targets = prepared.holdout_examples("valid")
+    ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
+    fitted_on = prepared.training_sequences(holdout)
+    result = {}
+    for name, baseline in (("popularity", PopularityBaseline(prepared.num_items)),
+                           ("markov", MarkovBaseline(prepared.num_items))):
+        metrics = ranking_metrics(baseline_ranks(baseline.fit(fitted_on), ragged, targets))
+        metrics.pop("users", None)
+        result[name] = metrics
+    return result
 
 
 def _worker_inputs(prepared, config: TrainConfig, aux_dir: str) -> dict:
@@ -542,9 +608,11 @@ def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str
 
 def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainConfig,
                     model_config: SASRecConfig, state: dict, best_metrics: dict,
-                    wall_seconds: float, overwrite: bool) -> dict:
+                    wall_seconds: float, overwrite: bool, baselines: dict | None = None) -> dict:
     """The model directory of a run (:func:`.model_io.write_model_dir`): the best checkpoint's
-    weights, the vocabularies, metrics.json, history.csv and training_curves.png."""
+    weights, the vocabularies, metrics.json, history.csv and training_curves.png.
+    ``baselines``: ``{"popularity": {...}, "markov": {...}}`` validation metrics
+    (:func:`_valid_baselines`), kept in metrics.json and drawn on the curves."""
     from .model import build_model
 
     model = build_model(model_config)
@@ -555,10 +623,12 @@ def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainCon
         for name in ("users", "items"):
             shutil.copytree(os.path.join(prepared.path, name), os.path.join(tmp, name))
         with open(os.path.join(tmp, "history.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            # every key of every epoch (epochs between validation rounds have no valid_*)
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(
+                k for record in history for k in record)), restval="")
             writer.writeheader()
             writer.writerows(history)
-        _plot_curves(history, os.path.join(tmp, "training_curves.png"))
+        _plot_curves(history, os.path.join(tmp, "training_curves.png"), baselines)
 
     metadata = {
         "data": os.path.abspath(prepared.path),
@@ -571,24 +641,36 @@ def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainCon
         "stopped_early": len(history) < config.epochs,
         "wall_seconds": round(wall_seconds, 2),
         "valid": {k[6:]: v for k, v in best_metrics.items() if k.startswith("valid_")},
+        # the same validation users and targets, baselines fitted on the same items
+        "baselines": dict(baselines or {}),
     }
     return save_model_dir(output, model, metadata, overwrite=overwrite, extra=extra)
 
 
-def _plot_curves(history: list[dict], path: str):
+def _plot_curves(history: list[dict], path: str, baselines: dict | None = None):
+    """Training loss per epoch; validation NDCG@10 per validation round, with the popularity
+    and Markov baselines' validation NDCG@10 as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
+    rounds = [h for h in history if "valid_NDCG@10" in h]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(epochs, [h["loss"] for h in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    if "valid_NDCG@10" in history[0]:
-        right.plot(epochs, [h["valid_NDCG@10"] for h in history], marker="o", color="C1")
+    if rounds:
+        right.plot([h["epoch"] for h in rounds], [h["valid_NDCG@10"] for h in rounds],
+                   marker="o", color="C1", label="SASRec")
+        for (name, label), color in zip((("popularity", "popularity"), ("markov", "Markov")),
+                                        ("C2", "C3")):
+            value = (baselines or {}).get(name, {}).get("NDCG@10")
+            if value is not None:
+                right.axhline(value, linestyle="--", color=color, label=label)
+        right.legend(fontsize="small")
     right.set(xlabel="epoch", ylabel="NDCG@10", title="validation NDCG@10 (full catalog)"
-              if "valid_NDCG@10" in history[0] else "no validation (holdout test / none)")
+              if rounds else "no validation (holdout test / none)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -3,8 +3,10 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ezsasrec_ray.batching import left_pad, make_inputs
+from ezsasrec_ray.batching import history_windows, left_pad, make_inputs
 
 
 def naive_make_inputs(sequences, maxlen):
@@ -156,3 +158,20 @@ def test_left_pad():
         np.testing.assert_array_equal(got, naive_left_pad(seqs, width))
     with pytest.raises(ValueError, match="width"):
         left_pad(seqs, 0)
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=20), st.integers(1, 9))
+@settings(max_examples=60, deadline=None)
+def test_history_windows_predict_every_position_once(lengths, maxlen):
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = np.arange(1, offsets[-1] + 1)  # item = its global position + 1: unique
+    out_values, out_offsets = history_windows(values, offsets, maxlen)
+    windows = [out_values[a:b] for a, b in zip(out_offsets[:-1], out_offsets[1:])]
+    assert all(len(w) <= maxlen + 1 for w in windows)
+    # each window is a contiguous run of one history; its targets are all but its first item
+    targets = sorted(int(t) for w in windows for t in w[1:])
+    expected = sorted(int(values[offsets[i] + j]) for i, n in enumerate(lengths)
+                      for j in range(1, n))
+    assert targets == expected
+    for w in windows:
+        assert np.all(np.diff(w) == 1)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -13,9 +14,11 @@ from conftest import synth_prepared
 from ezsasrec_ray.batching import epoch_batches
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
-from ezsasrec_ray.evaluate import evaluate
+from ezsasrec_ray.evaluate import evaluate, format_table
 from ezsasrec_ray.fit import Adam, make_train_step
+from ezsasrec_ray.metrics import MarkovBaseline, PopularityBaseline, ranking_metrics
 from ezsasrec_ray.model_io import load_model
+from ezsasrec_ray.ranking import baseline_ranks
 from ezsasrec_ray.train import (
     TrainConfig,
     _restore_checkpoint,
@@ -24,8 +27,10 @@ from ezsasrec_ray.train import (
     train,
 )
 
+# eval_every_steps 1 and min_steps 0: a validation round (and checkpoint) every epoch, so the
+# tests below can speak of epochs
 TINY = {"dim": 16, "maxlen": 8, "blocks": 1, "heads": 1, "dropout": 0.1, "batch_size": 64,
-        "lr": 5e-3, "verbose": False}
+        "lr": 5e-3, "verbose": False, "eval_every_steps": 1, "min_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,87 @@ def test_model_refused_with_other_vocabularies(trained, tmp_path):
     other = synth_prepared(tmp_path, users=100, items=30, events=2000, seed=5, k_core=2)
     with pytest.raises(EzSASRecError, match="other vocabularies"):
         evaluate(other, path)
+
+
+def test_metrics_json_has_both_baselines_on_the_validation_examples(prepared, trained):
+    """metrics.json["baselines"]: popularity and Markov fitted on the model's training items,
+    ranked on the very validation users and targets the model was validated on."""
+    path, metrics = trained
+    with open(os.path.join(path, "metrics.json")) as f:
+        saved = json.load(f)
+    assert set(saved["baselines"]) == {"popularity", "markov"}
+    assert saved["baselines"] == metrics["baselines"]
+    data = load_prepared(prepared)
+    _, histories, targets = data.holdout_examples("valid")
+    ragged = (histories.values.to_numpy(), histories.offsets.to_numpy())
+    fitted_on = data.training_sequences("valid")
+    assert metrics["valid"]["users"] == len(targets)  # the model's validation users
+    for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
+                           ("markov", MarkovBaseline(data.num_items))):
+        expected = ranking_metrics(baseline_ranks(baseline.fit(fitted_on), ragged, targets))
+        assert expected.pop("users") == len(targets)
+        assert saved["baselines"][name] == pytest.approx(expected, abs=1e-12)
+        assert set(saved["baselines"][name]) == set(metrics["valid"]) - {"users"}
+    # what `ezsasrec evaluate --split valid` reports for the same baselines
+    result = evaluate(prepared, path, split="valid")
+    for name in ("popularity", "markov"):
+        assert saved["baselines"][name]["NDCG@10"] == pytest.approx(result[name]["NDCG@10"],
+                                                                    abs=1e-12)
+    assert saved["baselines"]["markov"]["NDCG@10"] != saved["baselines"]["popularity"]["NDCG@10"]
+    assert os.path.getsize(os.path.join(path, "training_curves.png")) > 0
+
+
+def test_training_curves_draw_the_baselines_as_dashed_lines(tmp_path, monkeypatch):
+    """The validation panel: SASRec's rounds (epochs between rounds have no valid_*) and one
+    dashed horizontal line per baseline at its validation NDCG@10."""
+    import matplotlib.pyplot as plt
+
+    from ezsasrec_ray.train import _plot_curves
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    history = [{"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 2.5, "valid_NDCG@10": 0.2},
+               {"epoch": 3, "loss": 2.0}, {"epoch": 4, "loss": 1.8, "valid_NDCG@10": 0.3}]
+    baselines = {"popularity": {"NDCG@10": 0.05, "HR@10": 0.1},
+                 "markov": {"NDCG@10": 0.15, "HR@10": 0.25}}
+    _plot_curves(history, str(tmp_path / "curves.png"), baselines)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    panel = figures[0].axes[1]
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    assert set(lines) == {"SASRec", "popularity", "Markov"}
+    assert list(lines["SASRec"].get_xdata()) == [2, 4]
+    for name, label in (("popularity", "popularity"), ("markov", "Markov")):
+        assert lines[label].get_linestyle() == "--"
+        assert set(lines[label].get_ydata()) == {baselines[name]["NDCG@10"]}
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == \
+        ["SASRec", "popularity", "Markov"]
+
+
+def test_cli_evaluate_saves_evaluation_json_beside_the_model(prepared, trained, tmp_path,
+                                                           capsys):
+    """`ezsasrec evaluate` writes MODEL/evaluation.json: the same result --json prints."""
+    from ezsasrec_ray import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)  # the shared model stays as trained
+    saved = model / "evaluation.json"
+
+    def run(*flags):
+        argv = ["evaluate", "--data", prepared, "--model", str(model), *flags]
+        assert cli.run(cli.build_parser().parse_args(argv)) == 0
+        return capsys.readouterr()
+
+    printed = json.loads(run("--json", "--no-save").out)
+    assert not saved.exists()
+    table, note = run().out.rstrip("\n").rsplit("\n", 1)
+    assert table == format_table(printed)
+    assert note == f"evaluation written to {saved}"
+    assert json.loads(saved.read_text()) == printed
+    assert set(printed) >= {"split", "users", "model", "popularity", "markov"}
+    saved.unlink()
+    both = run("--json")  # stdout stays one JSON object; the note goes to stderr
+    assert json.loads(both.out) == printed == json.loads(saved.read_text())
+    assert both.err.strip() == f"evaluation written to {saved}"
 
 
 def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monkeypatch):
@@ -294,3 +380,37 @@ def test_cosine_schedule_by_epochs_or_time_budget():
     assert budget.lr_factor(3, 900.0) == pytest.approx(0.0)
     with pytest.raises(EzSASRecError, match="--lr-schedule must be one of constant, cosine; got 'step'"):
         TrainConfig(lr_schedule="step")
+
+
+def test_validation_rounds_follow_steps_and_patience_waits_for_min_steps(prepared, tmp_path):
+    """With more steps between rounds than an epoch has, epochs run without validation until
+    a round ends (and the last epoch always ends one); steps are reported."""
+    options = {**TINY, "eval_every_steps": 70, "storage_path": str(tmp_path / "runs")}
+    metrics = train(prepared, str(tmp_path / "m"), epochs=5, **options)
+    history = pd.read_csv(tmp_path / "m" / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    steps = int(history["steps"].iloc[0])  # every epoch has the same number of steps
+    assert (history["steps"] == steps).all() and steps > 0
+    assert list(history["total_steps"]) == [steps * e for e in range(1, 6)]
+    validated = list(history.loc[history["valid_NDCG@10"].notna(), "epoch"])
+    assert steps < 35  # so that a round spans epochs (the data: about 28 windows of 64)
+    expected = []  # a round ends once 70 steps have passed since the last one, and at the end
+    since = 0
+    for epoch in range(1, 6):
+        since += steps
+        if since >= 70 or epoch == 5:
+            expected.append(epoch)
+            since = 0
+    assert validated == expected and len(validated) < 5
+    assert metrics["best_epoch"] in validated
+
+
+def test_patience_counts_rounds_but_never_stops_before_min_steps(prepared, tmp_path):
+    options = {**TINY, "patience": 1, "lr": 1e-9, "storage_path": str(tmp_path / "runs")}
+    # lr ~ 0: no round improves on the first, so patience 1 stops right after it ...
+    quick = train(prepared, str(tmp_path / "a"), epochs=6, **options)
+    assert quick["epochs_run"] == 2 and quick["stopped_early"]
+    # ... unless min_steps is not reached yet
+    steps = int(pd.read_csv(tmp_path / "a" / "history.csv")["steps"].iloc[0])
+    slow = train(prepared, str(tmp_path / "b"), epochs=6, **{**options, "min_steps": 4 * steps})
+    assert slow["epochs_run"] == 4  # stops once min_steps are done (after epoch 4)
