@@ -30,8 +30,7 @@ def read_model_dir(path: str) -> tuple[dict, dict]:
         raise EzSASRecError(f"{path}: model directory not found")
     if not os.path.exists(metrics_path):
         raise EzSASRecError(f"{path}: not a model directory (no metrics.json)")
-    with open(metrics_path) as f:
-        metadata = json.load(f)
+    metadata = _json_object(metrics_path)
     if metadata.get("kind") != "ezsasrec_ray.model" or \
             metadata.get("format_version") != MODEL_FORMAT_VERSION:
         raise EzSASRecError(f"{metrics_path}: unsupported model format "
@@ -39,15 +38,27 @@ def read_model_dir(path: str) -> tuple[dict, dict]:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not os.path.exists(os.path.join(path, name)):
             raise EzSASRecError(f"{path}: incomplete model directory ({name} missing)")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        return json.load(f), metadata
+    return _json_object(os.path.join(path, CONFIG_FILE)), metadata
+
+
+def _json_object(path: str) -> dict:
+    """A JSON file holding an object, or a one-line error naming the file."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EzSASRecError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise EzSASRecError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_model(path: str):
     """Load a model directory -> :class:`.model.SASRec` with ``.model_dir`` and ``.metadata``."""
     from .model import load_model_files
 
-    _, metadata = read_model_dir(path)
+    config, metadata = read_model_dir(path)
+    model_config(path, config)  # a bad config.json is one line, before TensorFlow builds it
     model = load_model_files(path)
     model.model_dir = os.path.abspath(path)
     model.metadata = metadata
@@ -69,12 +80,21 @@ def check_vocab(model, data):
 
 
 def model_info(path: str) -> SimpleNamespace:
-    """What the driver needs of a model directory, without loading TensorFlow."""
+    """What the driver needs of a model directory (its config and metadata; no weights)."""
+    config, metadata = read_model_dir(path)
+    return SimpleNamespace(config=model_config(path, config), metadata=metadata,
+                           model_dir=os.path.abspath(path))
+
+
+def model_config(path: str, config: dict):
+    """A model directory's config.json as a SASRecConfig, or a one-line error naming it."""
     from .model import SASRecConfig
 
-    config, metadata = read_model_dir(path)
-    return SimpleNamespace(config=SASRecConfig.from_dict(config), metadata=metadata,
-                           model_dir=os.path.abspath(path))
+    try:
+        return SASRecConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise EzSASRecError(f"{os.path.join(path, CONFIG_FILE)}: not a model config ({exc})") \
+            from None
 
 
 def item_vocab(model_dir: str, data):

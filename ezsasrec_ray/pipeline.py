@@ -632,44 +632,48 @@ def check_date(text: str | None) -> str:
     return text
 
 
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-    """One run at a time per workdir: ``<workdir>/.pipeline.lock`` (host, pid, start time),
-    created exclusively and removed at the end. A lock left by a dead process on this host is
-    taken over; otherwise a second run fails with one line naming the holder."""
+    """One run at a time per workdir: an exclusive ``flock`` on ``<workdir>/.pipeline.lock``,
+    which says who holds it (host, pid, start time). The kernel drops the lock when its
+    process dies, so a killed run never blocks the next one and two runs can never both take
+    over a stale lock; a second run fails with one line naming the holder."""
     path = os.path.join(workdir, ".pipeline.lock")
     os.makedirs(workdir, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _now()}
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _read_json(path) or {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
-                os.remove(path)  # stale: its process is gone
-                continue
-            raise EzSASRecError(
-                f"{path}: another pipeline run holds this workdir (pid {holder.get('pid')} on "
-                f"{holder.get('host')} since {holder.get('started_at')}); delete the file if "
-                "that run is gone") from None
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    fd = _acquire(path)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
         yield
     finally:
-        if (_read_json(path) or {}).get("pid") == me["pid"]:
-            os.remove(path)
+        os.unlink(path)  # before the unlock: a waiting run then opens a new file
+        os.close(fd)
+
+
+def _acquire(path: str) -> int:
+    """An fd of ``path`` holding its exclusive lock, or a one-line error naming the holder."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _read_json(path) or {}
+            raise EzSASRecError(
+                f"{path}: another pipeline run holds this workdir (pid {holder.get('pid')} on "
+                f"{holder.get('host')} since {holder.get('started_at')})") from None
+        try:  # the file we locked may have been unlinked by its last holder meanwhile
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def run_pipeline(config: PipelineConfig, *, stages: Sequence[str] = STAGES,

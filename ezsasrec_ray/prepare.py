@@ -27,7 +27,7 @@ from . import outputs
 from .dataset import FORMAT_VERSION, hash_tree
 from .errors import EzSASRecError, PrepareError, find_user_error
 from .options import check_instance, option
-from .readers import FORMATS, MS_THRESHOLD, LogSpec, list_input_files, read_file
+from .readers import FORMATS, LogSpec, list_input_files, read_file, unix_to_millis
 from .runtime import cluster_cpus, init_ray, keyed_stats_actor
 
 SEQUENCE_ROW_GROUP = 65536  # users per Parquet row group of the sequence files
@@ -63,6 +63,8 @@ class PrepareConfig:
                                "none; needed by --split time)")
     on_bad_lines: str = option("error", "error, or skip bad lines (counted in the manifest)",
                                choices=("error", "skip"))
+    null_values: str = option("", "comma-separated user/item values read as missing (dropped "
+                                  "and counted), e.g. 'NA,NULL'; an empty field always is")
     overwrite: bool = option(False, "replace an existing output", yaml=False)
     num_partitions: int | None = option(None, "shuffle partitions (default: sized to the cluster "
                                               "and the data)", min=1)
@@ -85,7 +87,8 @@ class PrepareConfig:
         self.log_spec = LogSpec(format=self.format, user_col=self.user_col,
                                 item_col=self.item_col, time_col=self.time_col,
                                 delimiter=self.delimiter, header=self.header,
-                                on_bad_lines=self.on_bad_lines)
+                                on_bad_lines=self.on_bad_lines,
+                                null_values=_null_values(self.null_values))
 
     def options(self) -> dict:
         """The options that define the output (for the manifest and re-run checks)."""
@@ -95,14 +98,21 @@ class PrepareConfig:
         return data
 
 
+def _null_values(text: str) -> tuple[str, ...]:
+    """``--null-values 'NA,NULL'`` -> ("NA", "NULL") (blank entries dropped)."""
+    return tuple(dict.fromkeys(v.strip() for v in str(text or "").split(",") if v.strip()))
+
+
 def parse_time_value(value, name: str) -> int:
-    """Unix seconds, unix milliseconds or an ISO-8601 string -> unix milliseconds."""
+    """Unix s/ms/us/ns (by magnitude, as in the log) or an ISO-8601 string -> unix ms."""
     text = str(value).strip()
     try:
         number = float(text)
-        return int(round(number if abs(number) >= MS_THRESHOLD else number * 1000))
     except ValueError:
         pass
+    else:
+        if math.isfinite(number):
+            return int(round(unix_to_millis([number])[0][0]))
     try:
         parsed = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -349,14 +359,15 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
     Raises :class:`PrepareError` with a one-line message on bad input.
     """
     config = PrepareConfig(input=input, output=output, verbose=verbose, **options)
-    files = list_input_files(config.input)  # bad paths fail before Ray starts
+    skipped: list[str] = []  # Spark/Hadoop _temporary/, _SUCCESS, .staging/, .crc
+    files = list_input_files(config.input, skipped=skipped)  # bad paths fail before Ray starts
     try:
         tmp = outputs.start(config.output, overwrite=config.overwrite)
     except EzSASRecError as exc:  # prepare's errors are PrepareErrors
         raise PrepareError(exc.message) from None
     init_ray(address)
     try:
-        return _prepare(config, files, tmp, verbose)
+        return _prepare(config, files, tmp, verbose, skipped)
     except Exception as exc:
         user_error = find_user_error(exc)
         if user_error is not None and user_error is not exc:
@@ -366,7 +377,8 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
         outputs.discard(tmp)  # gone already once published
 
 
-def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -> dict:
+def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool,
+             skipped: list[str] = ()) -> dict:
     """The stage's steps, each timed; writes into ``tmp`` and publishes it."""
     started = time.time()
     timings: dict[str, float] = {}
@@ -382,7 +394,9 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
         return out
 
     raw, file_stats = timed("read_s", _read_step, config, files)
-    log(f"read {len(files)} file(s) in {timings['read_s']:.1f}s")
+    log(f"read {len(files)} file(s) in {timings['read_s']:.1f}s"
+        + (f"; skipped {len(skipped)} hidden file(s) with _ or . names under the input, "
+           f"e.g. {skipped[0]}" if skipped else ""))
     users, items, totals = timed("distinct_s", _distinct_step, config, raw)
     encoded = timed("encode_s", _encode_step, raw, users, items)
     del raw
@@ -392,7 +406,7 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool) -
     del encoded
     timings["total_s"] = time.time() - started
     manifest = _manifest(config, files, file_stats, totals, kcore, vocab, seq_stats,
-                         partitions, timings, tmp)
+                         partitions, timings, tmp, skipped)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=False, default=str)
     outputs.publish(tmp, config.output, kind="prepared", overwrite=config.overwrite)
@@ -547,11 +561,16 @@ def _shuffle_to_sequences(encoded, user_map, item_map, raw_user_ids, options: di
     return seq_stats
 
 
+SKIPPED_LISTED = 20  # hidden files named in the manifest (all are counted)
+
+
 def _manifest(config: PrepareConfig, files, file_stats, totals, kcore, vocab, seq_stats,
-              partitions, timings, tmp) -> dict:
+              partitions, timings, tmp, skipped=()) -> dict:
     """manifest.json: where the data came from, what was dropped and why, content hashes."""
     alive_users, alive_items = kcore["alive_users"], kcore["alive_items"]
     counts = {
+        "files_read": len(files),
+        "files_skipped_hidden": len(skipped),
         "rows_read": totals["rows"],
         "bad_lines_skipped": sum(s.get("bad_lines", 0) for s in file_stats.values()),
         "dropped_null_user": totals["null_user"],
@@ -573,11 +592,16 @@ def _manifest(config: PrepareConfig, files, file_stats, totals, kcore, vocab, se
         "format_version": FORMAT_VERSION,
         "kind": "ezsasrec_ray.prepared",
         "source": {"input": config.input, "files": files,
+                   "files_skipped_hidden": list(skipped[:SKIPPED_LISTED]),
                    "file_stats": {k: {kk: vv for kk, vv in v.items() if kk != "columns"}
                                   for k, v in file_stats.items()}},
         "columns": next(iter(file_stats.values()), {}).get("columns", {}),
         "has_time": totals["has_time"],
         "time_unit": "ms" if totals["has_time"] else None,
+        # the unit(s) each file's times were read in (s, ms, us, ns by magnitude; iso;
+        # timestamp), all normalised to ms
+        "time_units_read": {uri: file_stats[uri]["time_unit"] for uri in files
+                            if file_stats.get(uri, {}).get("time_unit")},
         "options": config.options(),
         "split": config.split,
         "cutoff_ms": getattr(config, "cutoff_ms", None),
@@ -602,6 +626,8 @@ def format_summary(manifest: dict) -> str:
     """A plain-text summary table of a prepare run."""
     c = manifest["counts"]
     lines = [
+        f"{'files read':<34}{c.get('files_read', len(manifest['source']['files'])):>14,}",
+        f"{'files skipped (hidden: _ or . names)':<34}{c.get('files_skipped_hidden', 0):>14,}",
         f"{'rows read':<34}{c['rows_read']:>14,}",
         f"{'bad lines skipped':<34}{c['bad_lines_skipped']:>14,}",
         f"{'dropped: null user':<34}{c['dropped_null_user']:>14,}",
@@ -622,4 +648,11 @@ def format_summary(manifest: dict) -> str:
         f"time {manifest['timings']['total_s']:.1f}s",
     ]
     width = max(len(line) for line in lines)
+    units = manifest.get("time_units_read") or {}
+    if len(set(units.values())) > 1 or any("+" in u for u in units.values()):
+        shown = "; ".join(f"{os.path.basename(uri)}: {unit}"
+                          for uri, unit in list(units.items())[:10])
+        more = f"; ... ({len(units)} files)" if len(units) > 10 else ""
+        lines.append(f"note: time units differ across files (each value read by its "
+                     f"magnitude, all stored as ms): {shown}{more}")
     return "\n".join(["prepare summary", "-" * width, *lines])

@@ -6,17 +6,23 @@ user-id requests, every user's history; it answers batches of queries with the s
 without re-indexing) as nightly scoring, so the endpoint returns exactly what ``ezsasrec
 score`` writes. :class:`RecommenderDeployment` is the Ray Serve deployment (FastAPI ingress,
 ``@serve.batch``). Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``,
-``/readyz``, ``/version``, ``/docs``; with an API key the data routes need it.
+``/readyz``, ``/version``, ``/docs``; with an API key (decided where the app is built, only its
+hash reaches the replicas) every route but the probes needs it. Bodies over ``max_body_bytes``
+get 413 before they are read; hostile inputs and answers: docs/security.md.
 Memory per million users and deployment: docs/internals.md, "serve".
 """
 
 
 import asyncio
+import hashlib
 import hmac
+import logging
 import os
+import re
+import sys
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -49,8 +55,11 @@ class ServeConfig:
     max_batch_size: int = option(32, "requests batched per call", min=1)
     batch_wait_timeout_s: float = option(0.005, "how long a batch waits for more requests, in "
                                                 "seconds", min=0)
-    api_key: str | None = option(None, "API key requests must send (default: $EZSASREC_API_KEY; "
-                                       "empty: none)")
+    api_key: str | None = option(None, "API key requests must send (default: $EZSASREC_API_KEY "
+                                       "where the app is built; empty: none)")
+    max_body_bytes: int = option(1 << 20, "largest request body in bytes (else 413, before "
+                                          "the body is read)", min=1)
+    docs_open: bool = option(False, "/docs and /openapi.json open without the API key")
     model_version: str | None = option(None, "version reported by /version and /readyz "
                                              "(default: model directory name + weights hash)")
     threads: int | None = option(None, "TensorFlow threads per replica (default: TF's)")
@@ -66,9 +75,54 @@ class ServeConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Raw ids -> indices (a hash index built once; requests look ids up in O(1))
+# Raw ids -> indices: strict integer ids, unknown ids reported without echoing them in full
+
+_INT_ID = re.compile(r"0|-?[1-9][0-9]{0,18}")  # ASCII digits, optional minus, no padding
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_REPORTED_IDS = 5  # unknown ids: the first few are echoed, the rest only counted
+MAX_REPORTED_CHARS = 64  # each echoed id cut to this many characters
 
 
+def strict_ids(values, is_int: bool) -> list:
+    """Request ids -> values :class:`IdIndex` may look up; None (unknown) for any id an
+    integer vocabulary must not take: a string that is not exactly ASCII digits with an
+    optional leading minus (no spaces, plus sign, leading zeros, ``_`` or non-ASCII digits),
+    a bool, or an integer outside int64."""
+    if not is_int:
+        return list(values)
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            out.append(None)
+        elif isinstance(v, int):
+            out.append(v if _INT64[0] <= v <= _INT64[1] else None)
+        elif isinstance(v, str) and _INT_ID.fullmatch(v):
+            number = int(v)
+            out.append(number if _INT64[0] <= number <= _INT64[1] else None)
+        else:
+            out.append(None)
+    return out
+
+
+def lookup(index: IdIndex, values) -> np.ndarray:
+    """Raw ids (list) -> indices (n,) int64, 0 where unknown, integer ids strict."""
+    return index.lookup(strict_ids(values, index.is_int))
+
+
+def shown_id(value):
+    """An id as echoed in an answer or message: ints as they are, anything longer than
+    :data:`MAX_REPORTED_CHARS` characters cut (ending in "...")."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** 18:
+        return value
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_REPORTED_CHARS:
+        return text[:MAX_REPORTED_CHARS - 3] + "..."
+    return text
+
+
+def shown_ids(values) -> list:
+    """The first :data:`MAX_REPORTED_IDS` ids, each :func:`shown_id`."""
+    return [shown_id(v) for v in values[:MAX_REPORTED_IDS]]
 
 
 class UserHistories:
@@ -118,7 +172,7 @@ class _Resolved:
     """A query in indices: the history to encode (None: fallback) and the options."""
 
     history: np.ndarray | None  # (H,) int32 item indices, time order
-    unknown_items: list = field(default_factory=list)
+    unknown_items: list = field(default_factory=list)  # all of them (answers show a few)
     exclude: np.ndarray | None = None
     candidates: np.ndarray | None = None
     ignored: dict = field(default_factory=dict)
@@ -194,7 +248,7 @@ class Recommender:
     def _items_or_none(self, values, name: str, ignored: dict):
         if values is None:
             return None
-        index = self.items.lookup(values)
+        index = lookup(self.items, values)
         if (index == 0).any():
             ignored[name] = [v for v, i in zip(values, index) if i == 0]
         return np.unique(index[index > 0])
@@ -204,7 +258,7 @@ class Recommender:
         exclude = self._items_or_none(query.exclude_items, "exclude_items", ignored)
         candidates = self._items_or_none(query.candidates, "candidates", ignored)
         if query.history is not None:
-            index = self.items.lookup(query.history)
+            index = lookup(self.items, query.history)
             unknown = [v for v, i in zip(query.history, index) if i == 0]
             history = index[index > 0].astype(np.int32)
             return _Resolved(history if history.size else None, unknown, exclude, candidates,
@@ -212,7 +266,7 @@ class Recommender:
         if self.users is None:
             raise EzSASRecError("user_id: this server has no user data (started without "
                                 "--data); send a history instead")
-        user = int(self.users.lookup([query.user_id])[0])
+        user = int(lookup(self.users, [query.user_id])[0])
         if user == 0:
             return _Resolved(None, [], exclude, candidates, ignored, unknown_user=True)
         history = self.histories.get(user)
@@ -254,11 +308,13 @@ class Recommender:
         answer = {"items": self.items.raw_ids(np.asarray(idx)[keep]),
                   "scores": [float(s) for s in np.asarray(scores)[keep]],
                   "model_version": self.model_version, "fallback": fallback,
-                  "unknown_items": r.unknown_items}
+                  "unknown_items": shown_ids(r.unknown_items),
+                  "unknown_count": len(r.unknown_items)}
         if r.unknown_user:
             answer["unknown_user"] = True
         if r.ignored:
-            answer["ignored_ids"] = r.ignored
+            answer["ignored_ids"] = {k: shown_ids(v) for k, v in r.ignored.items()}
+            answer["ignored_counts"] = {k: len(v) for k, v in r.ignored.items()}
         return answer
 
     def score_many(self, queries: list[Query]) -> list[dict]:
@@ -269,16 +325,17 @@ class Recommender:
         vecs = self.vectors([resolved[i] for i in rows]) if rows else None
         position = {i: j for j, i in enumerate(rows)}
         for i, (q, r) in enumerate(zip(queries, resolved)):
-            index = self.items.lookup(q.item_ids or [])
+            index = lookup(self.items, q.item_ids or [])
             known = index > 0
+            unknown = r.unknown_items + [v for v, ok in zip(q.item_ids or [], known) if not ok]
             answer = {"item_ids": [v for v, ok in zip(q.item_ids or [], known) if ok],
-                      "model_version": self.model_version, "unknown_items":
-                      r.unknown_items + [v for v, ok in zip(q.item_ids or [], known) if not ok]}
+                      "model_version": self.model_version, "unknown_items": shown_ids(unknown),
+                      "unknown_count": len(unknown)}
             if r.history is None:
                 what = "user_id" if q.history is None else "history"
                 reason = "is not a known user" if r.unknown_user else "has no known items"
-                answer["error"] = f"{what}: {q.user_id if q.history is None else 'history'} " \
-                                  f"{reason}; no scores without a history"
+                who = repr(shown_id(q.user_id)) if q.history is None else "history"
+                answer["error"] = f"{what}: {who} {reason}; no scores without a history"
                 answer["scores"] = []
             else:
                 j = position[i]
@@ -298,18 +355,50 @@ class Recommender:
         return out
 
     def version(self) -> dict:
+        """What /version shows: no filesystem paths (the model directory's name only)."""
         meta = self.metadata or {}
-        return {"model_version": self.model_version, "model_path": self.model.model_dir,
+        return {"model_version": self.model_version,
+                "model_name": os.path.basename(os.path.normpath(self.model.model_dir)),
                 "format_version": meta.get("format_version"),
                 "trained_at": meta.get("trained_at"), "best_epoch": meta.get("best_epoch"),
                 "valid": meta.get("valid"), "test": meta.get("test"),
-                "data_path": os.path.abspath(self.config.data) if self.config.data else None,
-                "num_items": len(self.items),
+                "user_data": self.users is not None, "num_items": len(self.items),
                 "num_users": len(self.users) if self.users is not None else None}
 
 
+# --------------------------------------------------------------------------------------------
+# The API key: decided once, where the app is built, and handed to every replica
+
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # what a client can send in a header as it is
+_REPLICA_ENV_KEY = (f"serve: {API_KEY_ENV} is set on the replicas but not where the app was "
+                    f"built, so it would not take effect; set it where you run ezsasrec serve "
+                    f"(or api_key in the app args)")
 
 
+def decide_api_key(api_key: str | None) -> tuple[str, str]:
+    """``api_key`` (``""``: none) or else ``$EZSASREC_API_KEY`` of this process -> (key or
+    ``""``, where it came from). A key a client could not send is refused with one line."""
+    key, source = (api_key, "api_key") if api_key is not None else \
+        (os.environ.get(API_KEY_ENV, ""), API_KEY_ENV)
+    if key and not _KEY_CHARS.fullmatch(key):
+        raise EzSASRecError(f"serve: {source}: an API key must be printable ASCII without "
+                            f"spaces (clients send it in a header)")
+    return key, source
+
+
+def _auth_args(api_key: str | None) -> dict:
+    """What a replica gets to check keys: the key's SHA-256, never the key itself."""
+    key, source = decide_api_key(api_key)
+    return {"key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+            "source": source, "explicitly_off": api_key == ""}
+
+
+def auth_line(auth: dict) -> str:
+    """The one start-up line saying whether requests need a key (never the key)."""
+    if auth["key_sha256"]:
+        return (f"API key on (from {auth['source']}): /recommend, /score, /version, /docs and "
+                f"/openapi.json need X-API-Key or Authorization: Bearer")
+    return f"API key off: every route is open (set {API_KEY_ENV} or api_key to require one)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,10 +406,13 @@ class Recommender:
 
 try:  # the HTTP layer needs fastapi (installed with ray[serve]); the Recommender does not
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+    from pydantic_core import ValidationError
     from ray import serve
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError:  # pragma: no cover - documented requirement
     serve = None
 
@@ -350,7 +442,8 @@ if serve is not None:
         def check(self, limits: ServeConfig):
             super().check(limits)
             if self.k > limits.max_k:
-                raise _BadRequest(f"k: {self.k} is more than the maximum {limits.max_k}")
+                raise _BadRequest(f"k: {shown_id(self.k)} is more than the maximum "
+                                  f"{limits.max_k}")
             for name in ("exclude_items", "candidates"):
                 values = getattr(self, name)
                 if values is not None and len(values) > limits.max_item_ids:
@@ -371,51 +464,146 @@ if serve is not None:
         scores: list[float]
         model_version: str
         fallback: bool
-        unknown_items: list[RawId] = []
+        unknown_items: list[RawId] = Field([], description="the first 5 unknown history ids, "
+                                                          "each cut to 64 characters")
+        unknown_count: int = Field(0, description="how many history ids are unknown")
         unknown_user: bool | None = None
-        ignored_ids: dict[str, list[RawId]] | None = None
+        ignored_ids: dict[str, list[RawId]] | None = Field(
+            None, description="unknown exclude_items/candidates: the first 5 of each")
+        ignored_counts: dict[str, int] | None = None
 
     class ScoreResponse(BaseModel):
         item_ids: list[RawId]
         scores: list[float]
         model_version: str
         unknown_items: list[RawId] = []
+        unknown_count: int = 0
 
     class _BadRequest(Exception):
         def __init__(self, message: str, status: int = 422):
             super().__init__(message)
             self.message, self.status = message, status
 
+    # The documented failures of a request (422/404 over HTTP), for callers without HTTP
+    REQUEST_ERRORS = (ValidationError, _BadRequest, EzSASRecError)
+
     app = FastAPI(title="ezsasrec_ray", description="SASRec top-N recommendations, online.",
                   version="1")
+    app.state.key_sha256 = None  # set by each replica from its deployment arguments
+    app.state.max_body_bytes = ServeConfig.__dataclass_fields__["max_body_bytes"].default
+    app.state.docs_open = False
+    _DOC_PATHS = frozenset(p for p in (app.docs_url, app.openapi_url, app.redoc_url,
+                                       app.swagger_ui_oauth2_redirect_url) if p)
+    _UNAUTHORIZED = "missing or wrong API key (X-API-Key header or Authorization: Bearer)"
+
+    def key_ok(headers: dict, state) -> bool:
+        """``headers``: lower-case bytes names -> bytes values; ``state``: the served app's
+        (a replica's app is a copy of this module's). True without a key."""
+        digest = state.key_sha256
+        if not digest:
+            return True
+        given = headers.get(b"x-api-key")
+        bearer = headers.get(b"authorization", b"")
+        if given is None and bearer[:7].lower() == b"bearer ":
+            given = bearer[7:].strip()
+        return given is not None and hmac.compare_digest(
+            hashlib.sha256(given).hexdigest().encode(), digest.encode())
+
+    def precheck(path: str, headers: dict, state) -> tuple[int, str] | None:
+        """What the middleware answers before the body is read: 413 for a declared body over
+        ``max_body_bytes``, then 401 for /docs and /openapi.json without the key."""
+        limit = state.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return 400, "content-length: not a number"
+            if int(length) > limit:
+                return 413, f"body: more than the limit of {limit} bytes"
+        if path in _DOC_PATHS and not state.docs_open and not key_ok(headers, state):
+            return 401, _UNAUTHORIZED
+        return None
+
+    class _Guard:
+        """ASGI middleware: body-size limit (Content-Length, then counted while reading a
+        chunked body; nothing over the limit is kept) and the key on the docs."""
+
+        def __init__(self, app_):
+            self.app = app_
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            headers = {}
+            for name, value in scope.get("headers", ()):
+                headers.setdefault(name.lower(), value)
+            path, root = scope.get("path", "/"), scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):] or "/"
+            state = scope["app"].state  # set by Starlette before its middleware runs
+            refused = precheck(path, headers, state)
+            if refused:
+                extra = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+                return await JSONResponse({"detail": refused[1]}, refused[0],
+                                          headers=extra)(scope, receive, send)
+            limit, size, messages = state.max_body_bytes, 0, []
+            while True:  # buffer the body (at most the limit) before the app sees it
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if size > limit:
+                    messages.clear()
+                    return await JSONResponse(
+                        {"detail": f"body: more than the limit of {limit} bytes"},
+                        413)(scope, receive, send)
+                if not message.get("more_body", False):
+                    break
+            replay = iter(messages)
+
+            async def replayed():
+                for message in replay:
+                    return message
+                return await receive()
+
+            return await self.app(scope, replayed, send)
+
+    app.add_middleware(_Guard)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        """422 with one line naming the field: ``{"detail": "k: Input should be ..."}``."""
+        """422 with one line naming the field: ``{"detail": "k: Input should be ..."}``
+        (the first 5 problems; field names cut to 64 characters)."""
         parts = []
-        for err in exc.errors():
+        errors = exc.errors()
+        for err in errors[:MAX_REPORTED_IDS]:
             if err.get("type") == "json_invalid":
                 parts.append(f"body: invalid JSON ({err.get('ctx', {}).get('error', '')})")
                 continue
-            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            loc = [str(shown_id(x)) for x in err.get("loc", ()) if x != "body"][:8]
             parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        if len(errors) > MAX_REPORTED_IDS:
+            parts.append(f"and {len(errors) - MAX_REPORTED_IDS} more")
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's 400 for a JSON body it cannot decode (bad UTF-8, nesting deeper than the
+        parser's recursion limit) becomes the documented 422."""
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return JSONResponse(status_code=422, content={
+                "detail": "body: invalid JSON (not UTF-8, or nested too deeply)"})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(_BadRequest)
     async def _bad_request(request: Request, exc: _BadRequest):
         return JSONResponse(status_code=exc.status, content={"detail": exc.message})
 
     def _check_key(request: Request):
-        key = request.app.state.api_key
-        if not key:
-            return
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong API key "
-                                "(X-API-Key header or Authorization: Bearer)")
+        headers = {k.encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}
+        if not key_ok(headers, request.app.state):
+            raise HTTPException(status_code=401, detail=_UNAUTHORIZED,
+                                headers={"WWW-Authenticate": "Bearer"})
 
     def _query(body, **extra) -> Query:
         return Query(user_id=body.user_id, history=body.history, **extra)
@@ -424,12 +612,23 @@ if serve is not None:
                       health_check_period_s=10, graceful_shutdown_timeout_s=10)
     @serve.ingress(app)
     class RecommenderDeployment:
-        """One replica: a :class:`Recommender` behind FastAPI routes, requests batched."""
+        """One replica: a :class:`Recommender` behind FastAPI routes, requests batched.
 
-        def __init__(self, config: dict):
+        ``auth``: from :func:`build_app` (the key's hash, decided where the app was built);
+        without it (bound directly) the replica decides from ``api_key`` or its environment.
+        """
+
+        def __init__(self, config: dict, auth: dict | None = None):
             self.config = ServeConfig(**config)
-            key = self.config.api_key
-            app.state.api_key = os.environ.get(API_KEY_ENV, "") if key is None else key
+            if auth is None:
+                auth = _auth_args(self.config.api_key)
+            elif not auth["key_sha256"] and not auth["explicitly_off"] and \
+                    os.environ.get(API_KEY_ENV):
+                raise EzSASRecError(_REPLICA_ENV_KEY)
+            app.state.key_sha256 = auth["key_sha256"]
+            app.state.max_body_bytes = self.config.max_body_bytes
+            app.state.docs_open = self.config.docs_open
+            logging.getLogger("ray.serve").info("ezsasrec: %s", auth_line(auth))
             self.recommender = Recommender(self.config)
             self._batch_recommend.set_max_batch_size(self.config.max_batch_size)
             self._batch_recommend.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -494,7 +693,7 @@ if serve is not None:
 
         @app.get("/version", dependencies=[Depends(_check_key)])
         def version(self) -> dict:
-            """Model path, version, trained-at and metrics."""
+            """Model directory name, version, trained-at and metrics (no filesystem paths)."""
             return self.recommender.version()
 
 
@@ -543,7 +742,18 @@ def build_app(args: dict):
         raise EzSASRecError(f"serve: unknown argument {unknown[0]!r} (known: "
                             f"{', '.join(sorted(known | set(option_keys)))})")
     config = ServeConfig(**args)  # validated here, before any replica starts
-    return RecommenderDeployment.options(**options).bind(asdict(config))
+    # The key is decided here (api_key, else $EZSASREC_API_KEY of this process) and only its
+    # hash travels, in the deployment's arguments: every replica gets it, however started
+    auth = _auth_args(config.api_key)
+    return RecommenderDeployment.options(**options).bind(asdict(replace(config, api_key=None)),
+                                                         auth)
+
+
+def deployment_message(app_name: str) -> str:
+    """Serve's status message of the app's deployment (a failed replica's error is there)."""
+    app_status = serve.status().applications.get(app_name)
+    deployment = app_status.deployments.get(DEPLOYMENT_NAME) if app_status else None
+    return (deployment.message or "") if deployment else ""
 
 
 def run_server(model: str, data: str | None, *, host: str = "127.0.0.1", port: int = 8000,
@@ -552,9 +762,17 @@ def run_server(model: str, data: str | None, *, host: str = "127.0.0.1", port: i
     """``ezsasrec serve``: deploy locally and (``blocking``) serve until Ctrl-C. -> the URL."""
     app_ = build_app({"model": model, "data": data, "replicas": replicas,
                       "autoscale": autoscale, **config})
+    print(f"ezsasrec serve: {auth_line(_auth_args(config.get('api_key')))}", file=sys.stderr,
+          flush=True)
     init_ray(address)
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(app_, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app_, name=APP_NAME, route_prefix="/")
+    except RuntimeError:  # a replica refused to start: its one line, if it is ours
+        if _REPLICA_ENV_KEY in deployment_message(APP_NAME):
+            serve.delete(APP_NAME)
+            raise EzSASRecError(_REPLICA_ENV_KEY) from None
+        raise
     url = f"http://{host}:{port}"
     if not blocking:
         return url

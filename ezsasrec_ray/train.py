@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -108,8 +109,9 @@ class TrainConfig:
     max_failures: int = option(2, "restarts of failed workers from the latest checkpoint", min=0)
     keep_checkpoints: int = option(2, "best checkpoints kept, by validation NDCG@10", min=1)
     run_name: str | None = option(None, "Ray Train run name; re-running with the same name "
-                                        "resumes from its latest checkpoint (default: "
-                                        "ezsasrec-<output directory name>)")
+                                        "and options resumes from its latest checkpoint "
+                                        "(default: a new run each time, its checkpoints "
+                                        "removed once the model is written)")
     storage_path: str | None = option(None, "checkpoint directory (shared on a cluster; "
                                             "default: .ezsasrec_runs beside the output)")
     eval_batch_size: int = option(1024, "users per validation batch", min=1)
@@ -509,10 +511,9 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     model_config = config.model_config(prepared.num_items)  # fails before any worker starts
     outputs.check_output(output, overwrite)  # before any work
     init_ray(address)
-    run_name = config.run_name or f"ezsasrec-{os.path.basename(os.path.abspath(output))}"
     storage = os.path.abspath(config.storage_path or os.path.join(
         os.path.dirname(os.path.abspath(output)), ".ezsasrec_runs"))
-    os.makedirs(storage, exist_ok=True)
+    run_name = _run_name(config, model_config, prepared, output, storage)
 
     loop_config = {"train": asdict(config), "model": model_config.to_dict(),
                    "threads": config.cpus_per_worker or max(
@@ -536,7 +537,46 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite,
                                   baselines=baselines)
+    if config.run_name is None:  # not resumable by name: its checkpoints served their turn
+        for path in (os.path.join(storage, run_name), os.path.join(storage, run_name + "-inputs")):
+            shutil.rmtree(path, ignore_errors=True)
     return metrics
+
+
+# Options a resumed run may change: how long it trains and how it reports, not what it learns.
+RESUMABLE_CHANGES = ("epochs", "patience", "min_steps", "eval_every_steps", "time_budget_s",
+                     "verbose", "max_failures", "keep_checkpoints", "eval_batch_size", "run_name",
+                     "storage_path")
+
+
+def _run_name(config: TrainConfig, model_config, prepared, output: str, storage: str) -> str:
+    """The Ray Train run. Without ``run_name`` a new run, never a resumed one (its checkpoints
+    go once the model is written). With one, a run of that name resumes, but only with the
+    options it was started with (``RESUMABLE_CHANGES`` aside): else a one-line error."""
+    os.makedirs(storage, exist_ok=True)
+    if config.run_name is None:
+        return f"ezsasrec-{os.path.basename(os.path.abspath(output))}-{uuid.uuid4().hex[:8]}"
+    started_with = {"train": {k: v for k, v in asdict(config).items()
+                              if k not in RESUMABLE_CHANGES},
+                    "model": model_config.to_dict(), "vocab": prepared.vocab_fingerprint()}
+    record = os.path.join(storage, config.run_name + "-inputs", "run.json")
+    if os.path.isdir(os.path.join(storage, config.run_name)) and os.path.exists(record):
+        with open(record) as f:
+            previous = json.load(f)
+        for section in ("train", "model"):
+            for key in sorted(set(previous[section]) | set(started_with[section])):
+                old, new = previous[section].get(key), started_with[section].get(key)
+                if old != new:
+                    raise EzSASRecError(
+                        f"--run-name {config.run_name}: its checkpoints in {storage} were "
+                        f"trained with {key}={old!r}, not {new!r}; resume with the same "
+                        "options, or start afresh under another --run-name")
+        if previous["vocab"] != started_with["vocab"]:
+            raise EzSASRecError(f"--run-name {config.run_name}: its checkpoints in {storage} "
+                                "were trained on other data; start afresh under another "
+                                "--run-name")
+    outputs.write_json_atomic(record, started_with)
+    return config.run_name
 
 
 def _valid_baselines(prepared, holdout: str) -> dict:

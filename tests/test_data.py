@@ -317,3 +317,64 @@ def test_fit_lengths_by_holdout_and_split_kind():
     assert fit_lengths(loo, "test", kind="time").tolist() == [3, 2]
     with pytest.raises(EzSASRecError, match="--holdout: unknown value 'x'"):
         fit_lengths(loo, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost or corrupted without a word (issue 15): the prepare side of the reader fixes
+
+
+def test_null_like_item_ids_are_items_unless_null_values(tmp_path):
+    rows = [(u, item) for u in range(1, 4) for item in ("NA", "NULL", "nan", "N/A", "x")]
+    (tmp_path / "log.csv").write_text(
+        "userId,itemId\n" + "".join(f"{u},{i}\n" for u, i in rows))
+    manifest = run_prepare(tmp_path / "log.csv", tmp_path / "o", k_core=1)
+    assert manifest["counts"]["dropped_null_item"] == 0
+    assert manifest["counts"]["items_kept"] == 5 and manifest["counts"]["events_kept"] == 15
+    manifest = run_prepare(tmp_path / "log.csv", tmp_path / "o2", k_core=1,
+                           null_values="NA,NULL")
+    assert manifest["counts"]["dropped_null_item"] == 6
+    assert manifest["options"]["null_values"] == "NA,NULL"
+
+
+def test_spark_temporary_and_staging_copies_are_skipped_and_counted(tmp_path):
+    rows = "".join(f"{u},{i},{1_700_000_000 + i}\n" for u in range(1, 4) for i in range(1, 4))
+    root = tmp_path / "log"
+    for sub in ("", "_temporary/0/_temporary/attempt_1", ".staging"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "part-00000.csv").write_text("userId,itemId,timestamp\n" + rows)
+    (root / "_SUCCESS").write_text("")
+    manifest = run_prepare(root, tmp_path / "o", k_core=1, verbose=True)
+    assert manifest["counts"]["rows_read"] == 9
+    assert manifest["counts"]["files_skipped_hidden"] == 3
+    assert len(manifest["source"]["files_skipped_hidden"]) == 3
+    from ezsasrec_ray.prepare import format_summary
+
+    assert "files skipped (hidden: _ or . names)" in format_summary(manifest)
+
+
+def test_time_units_mixed_across_files_are_normalised_and_stated(tmp_path):
+    root = tmp_path / "log"
+    root.mkdir()
+    (root / "a.csv").write_text("userId,itemId,timestamp\n" + "".join(
+        f"1,{i},{1_700_000_000 + i}\n" for i in range(3)))
+    (root / "b.csv").write_text("userId,itemId,timestamp\n" + "".join(
+        f"2,{i},{(1_700_000_000 + i) * 1_000_000}\n" for i in range(3)))
+    manifest = run_prepare(root, tmp_path / "o", k_core=1)
+    seq = load_prepared(str(tmp_path / "o")).sequences().to_pandas().set_index("user_id")
+    assert list(seq.loc[2, "timestamps"]) == list(seq.loc[1, "timestamps"]) == [
+        (1_700_000_000 + i) * 1000 for i in range(3)]
+    assert manifest["time_units_read"] == {str(root / "a.csv"): "s", str(root / "b.csv"): "us"}
+    from ezsasrec_ray.prepare import format_summary
+
+    assert "time units differ across files" in format_summary(manifest)
+
+
+def test_json_mixed_id_types_with_skip_is_no_traceback(tmp_path):
+    lines = [{"user": 17, "item": i} for i in range(3)] + \
+        [{"user": "u17", "item": i} for i in range(3)] + ["not json"]
+    (tmp_path / "log.jsonl").write_text(
+        "\n".join(json.dumps(r) if isinstance(r, dict) else r for r in lines) + "\n")
+    manifest = run_prepare(tmp_path / "log.jsonl", tmp_path / "o", k_core=1,
+                           on_bad_lines="skip")
+    assert manifest["counts"]["rows_read"] == 6 and manifest["counts"]["bad_lines_skipped"] == 1
+    assert manifest["counts"]["users_kept"] == 2

@@ -507,3 +507,38 @@ def test_pipeline_on_two_nodes_spreads_workers_and_actors(two_nodes, tmp_path):
         "users_kept"]
     assert read_json(day / "manifest.json")["options"]["actors"] == 2
     assert read_json(work / "scores" / "latest")["date"] == "2026-03-01"
+
+
+def test_a_killed_runs_lock_never_blocks_and_a_live_one_always_does(config_file, tmp_path):
+    """The lock is the kernel's (flock): held while its process lives, gone when it dies, so
+    no run has to guess whether a lock is stale, and two runs cannot both take one over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = load_config(str(config_file))
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, time\n"
+        "from ezsasrec_ray.pipeline import workdir_lock\n"
+        f"with workdir_lock({config.workdir!r}):\n"
+        f"    pathlib.Path({str(ready)!r}).touch()\n"
+        "    time.sleep(60)\n")])
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        assert ready.exists()
+        with pytest.raises(EzSASRecError, match=f"pid {holder.pid} on"):
+            with workdir_lock(config.workdir):
+                pass
+        holder.send_signal(signal.SIGKILL)  # killed: no clean-up ran, the file stays
+        holder.wait()
+        assert (Path(config.workdir) / ".pipeline.lock").exists()
+        with workdir_lock(config.workdir):  # taken at once, no stale-lock guessing
+            pass
+    finally:
+        holder.kill()
+        holder.wait()

@@ -284,3 +284,20 @@ def test_busy_seconds_is_the_union_of_each_actors_batch_windows():
                {"actor": "b", "window": (0.7, 1.0)}]
     assert _busy_seconds(records) == pytest.approx(3.0 + 1.0 + 1.0)
     assert _busy_seconds([]) == 0.0
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("metrics.json", "{not json", "metrics.json: unreadable JSON"),
+    ("metrics.json", "[1, 2]", "metrics.json: expected a JSON object, got list"),
+    ("config.json", "{\"num_items\": 5, \"dim\": \"big\"", "config.json: unreadable JSON"),
+    ("config.json", "{\"num_items\": 5, \"colour\": 1}", "config.json: not a model config"),
+])
+def test_a_corrupt_model_directory_is_one_line(prepared, tmp_path, name, text, message):
+    from ezsasrec_ray.model_io import load_model, model_info
+
+    model = random_model_dir(tmp_path / "m", prepared)
+    (tmp_path / "m" / name).write_text(text)
+    for read in (model_info, load_model):
+        with pytest.raises(EzSASRecError, match=message) as info:
+            read(model)
+        assert "\n" not in str(info.value)

@@ -18,7 +18,18 @@ from conftest import free_port, random_model_dir, read_results, run_cli, synth_p
 from ezsasrec_ray import recommend, score_pairs
 from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError
-from ezsasrec_ray.serve import Query, Recommender, ServeConfig, build_app, deployment_options
+from ezsasrec_ray.serve import (
+    API_KEY_ENV,
+    REQUEST_ERRORS,
+    Query,
+    Recommender,
+    RecommendRequest,
+    ScoreRequest,
+    ServeConfig,
+    build_app,
+    deployment_options,
+    strict_ids,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,9 +47,17 @@ def models(prepared, tmp_path_factory):
     return [random_model_dir(root / f"m{seed}", prepared, seed=seed) for seed in (0, 1)]
 
 
+SECURED_BODY_LIMIT = 4096
+
+
 @pytest.fixture(scope="module")
 def server(prepared, models):
-    """One Serve instance on 127.0.0.1: the app at / and an API-key app at /secured."""
+    """One Serve instance on 127.0.0.1: the app at / and an API-key app at /secured.
+
+    The secured app's key is $EZSASREC_API_KEY of this process (the driver) while the app is
+    built, and only then: Ray's workers started before it was set, so the replica can only
+    know the key through the deployment's arguments (issue 15: it used to read its own
+    environment and answer everything without a key)."""
     from ray import serve
 
     port = free_port()
@@ -46,8 +65,15 @@ def server(prepared, models):
     serve.run(build_app({"model": models[0], "data": prepared.path, "num_cpus": 0,
                          "max_k": 20, "max_history": 30, "max_item_ids": 50}),
               name="ezsasrec", route_prefix="/")
-    serve.run(build_app({"model": models[0], "data": prepared.path, "num_cpus": 0,
-                         "api_key": "s3cret"}), name="secured", route_prefix="/secured")
+    assert API_KEY_ENV not in os.environ
+    os.environ[API_KEY_ENV] = "s3cret"
+    try:
+        secured = build_app({"model": models[0], "data": prepared.path, "num_cpus": 0,
+                             "max_body_bytes": SECURED_BODY_LIMIT})
+    finally:
+        del os.environ[API_KEY_ENV]
+    assert "s3cret" not in repr(secured)  # only the key's hash travels to the replicas
+    serve.run(secured, name="secured", route_prefix="/secured")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -73,7 +99,8 @@ def test_health_ready_version_docs(server, models):
     ready = requests.get(server + "/readyz", timeout=10).json()
     assert ready["ready"] is True
     version = requests.get(server + "/version", timeout=10).json()
-    assert version["model_path"] == os.path.abspath(models[0])
+    assert version["model_name"] == "m0" and version["user_data"] is True
+    assert os.path.dirname(models[0]) not in repr(version)  # no filesystem paths
     assert version["model_version"] == ready["model_version"]
     assert version["trained_at"] and version["format_version"] == 1
     assert requests.get(server + "/docs", timeout=10).status_code == 200
@@ -141,8 +168,10 @@ def test_candidates_and_unknown_ids(server, prepared):
     assert sorted(got["items"]) == sorted(items[10:15])  # only candidates, all 5 of them
     assert got["scores"] == sorted(got["scores"], reverse=True)
     assert got["ignored_ids"] == {"candidates": ["no-such-item"]}
+    assert got["ignored_counts"] == {"candidates": 1}
     got = post(server + "/recommend", {"history": [items[0], "nope", items[1]], "k": 5}).json()
     assert got["unknown_items"] == ["nope"] and got["fallback"] is False
+    assert got["unknown_count"] == 1
     assert not {items[0], items[1]} & set(got["items"])  # history excluded
 
 
@@ -220,7 +249,190 @@ def test_api_key(server):
     assert post(url + "/recommend", user_body,
                 headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert requests.get(url + "/healthz", timeout=10).status_code == 200  # probes stay open
+    assert requests.get(url + "/readyz", timeout=10).status_code == 200
     assert post(server + "/recommend", user_body).status_code == 200  # the other app has none
+    # the docs follow the key (docs_open: false by default)
+    for path in ("/docs", "/openapi.json"):
+        refused = requests.get(url + path, timeout=10)
+        assert refused.status_code == 401 and "API key" in refused.json()["detail"]
+        assert requests.get(url + path, headers={"X-API-Key": "s3cret"},
+                            timeout=10).status_code == 200
+    version = requests.get(url + "/version", headers={"X-API-Key": "s3cret"}, timeout=10)
+    assert version.status_code == 200 and "s3cret" not in version.text
+
+
+def test_docs_open_and_key_checks_without_http():
+    """The middleware's decisions on an app state, without a replica."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from ezsasrec_ray.serve import _UNAUTHORIZED, key_ok, precheck
+
+    state = SimpleNamespace(key_sha256=hashlib.sha256(b"k3y").hexdigest(), max_body_bytes=100,
+                            docs_open=False)
+    assert precheck("/docs", {}, state) == (401, _UNAUTHORIZED)
+    assert precheck("/openapi.json", {b"x-api-key": b"k3y"}, state) is None
+    assert precheck("/openapi.json", {b"authorization": b"Bearer k3y"}, state) is None
+    assert precheck("/recommend", {}, state) is None  # data routes: checked by the route
+    assert precheck("/docs", {b"content-length": b"101"}, state)[0] == 413  # 413 before 401
+    assert precheck("/recommend", {b"content-length": b"x"}, state)[0] == 400
+    assert not key_ok({b"x-api-key": b"k3y "}, state)
+    assert not key_ok({b"authorization": b"k3y"}, state)
+    state.docs_open = True
+    assert precheck("/docs", {}, state) is None and precheck("/openapi.json", {}, state) is None
+    state.key_sha256 = None
+    assert key_ok({}, state) and precheck("/docs", {}, state) is None
+
+
+def test_api_key_that_cannot_work_is_refused(prepared, models, monkeypatch):
+    with pytest.raises(EzSASRecError, match="printable ASCII"):
+        build_app({"model": models[0], "api_key": "two words"})
+    monkeypatch.setenv(API_KEY_ENV, " ")
+    with pytest.raises(EzSASRecError, match=API_KEY_ENV):
+        build_app({"model": models[0]})
+    build_app({"model": models[0], "api_key": ""})  # explicitly none: the env var is not used
+
+
+def test_body_over_the_limit_gets_413_before_auth(server):
+    big = b'{"history": [' + b"1," * (600 * 1024) + b'1]}'  # 1.2 MB: over the 1 MiB default
+    response = requests.post(server + "/recommend", data=big, timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+    def chunked(data, size=64 * 1024):  # no Content-Length: counted while read
+        for start in range(0, len(data), size):
+            yield data[start:start + size]
+
+    response = requests.post(server + "/recommend", data=chunked(big), timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    url = server + "/secured"  # max_body_bytes 4096 there, and a key
+    body = {"history": list(range(2000)), "k": 2}
+    assert post(url + "/recommend", body).status_code == 413  # before the key is checked
+    assert post(url + "/recommend", body, headers={"X-API-Key": "s3cret"}).status_code == 413
+    assert requests.post(url + "/recommend", data=chunked(big[:8192], 1024), timeout=30,
+                         headers={"X-API-Key": "s3cret"}).status_code == 413
+    assert post(url + "/recommend", {"history": [], "k": 2}).status_code == 401
+    assert requests.get(server + "/healthz", timeout=10).status_code == 200
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666"
+                                            "\u0667\u0668\u0669")
+
+
+@pytest.mark.parametrize("form,taken", [
+    ("{u}", True), (" {u} ", False), ("+{u}", False), ("0{u}", False), ("underscore", False),
+    ("arabic-indic", False), ("{u}\n", False), ("{u}.0", False), ("-0", False), ("", False),
+    ("9" * 30, False),
+])
+def test_strict_integer_ids(server, prepared, form, taken):
+    """A raw integer id is ASCII digits with an optional leading minus, nothing else: " 17 ",
+    "+17", "0017", "1_7" and "\u0661\u0667" are not user 17."""
+    user = next(u for u in sorted(raw_histories(prepared)) if u >= 10)
+    assert isinstance(user, int)
+    text = str(user)
+    raw = {"arabic-indic": text.translate(ARABIC_INDIC), "underscore": f"{text[0]}_{text[1:]}"
+           }.get(form) or form.format(u=text)
+    want = post(server + "/recommend", {"user_id": user, "k": 3}).json()
+    got = post(server + "/recommend", {"user_id": raw, "k": 3}).json()
+    assert (got.get("unknown_user") is None) is taken, (raw, got)
+    if taken:
+        assert got == want
+    history = post(server + "/recommend", {"history": [raw], "k": 3}).json()
+    assert (history["unknown_count"] == 0) is taken, (raw, history)
+    assert strict_ids([raw], True) == ([user] if taken else [None])
+
+
+def test_unknown_ids_are_counted_and_cut(server, prepared):
+    long_ids = [f"{i:03d}" + "x" * 500 for i in range(25)]
+    got = post(server + "/recommend", {"history": long_ids, "k": 3,
+                                       "candidates": long_ids[:12] + [1, 2]})
+    assert got.status_code == 200
+    got = got.json()
+    assert got["unknown_count"] == 25 and len(got["unknown_items"]) == 5
+    assert all(len(x) <= 64 and x.endswith("...") for x in got["unknown_items"])
+    assert got["unknown_items"][0].startswith("000x")
+    assert got["ignored_counts"] == {"candidates": 12}
+    assert len(got["ignored_ids"]["candidates"]) == 5
+    assert len(json_text := str(got)) < 3000, json_text
+    score = post(server + "/score", {"history": [1], "item_ids": long_ids[:20] + [1]}).json()
+    assert score["unknown_count"] == 20 and len(score["unknown_items"]) == 5
+    missing = post(server + "/score", {"user_id": "u" * 5000, "item_ids": [1]})
+    assert missing.status_code == 404 and len(missing.text) < 300
+    extra = post(server + "/recommend", {"user_id": 1, "y" * 5000: 1})
+    assert extra.status_code == 422 and len(extra.text) < 300
+
+
+@pytest.mark.parametrize("data", [
+    b'{"user_id": "\xff\xfe", "k": 2}',  # not UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser's recursion limit
+    b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b"{not json",
+    b"",
+])
+def test_undecodable_or_too_deep_json_gets_422(server, data):
+    response = requests.post(server + "/recommend", data=data, timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 422, (response.status_code, response.text[:200])
+    assert response.json()["detail"].split(":")[0] in ("body", "history")
+
+
+# -----------------------------------------------------------------------------
+# hostile bodies without HTTP: the request models and the Recommender
+
+
+@pytest.fixture(scope="module")
+def recommender(prepared, models):
+    return Recommender(ServeConfig(model=models[0], data=prepared.path,
+                                   precompute_user_vectors=False))
+
+
+def test_generated_bodies_raise_only_documented_errors(recommender):
+    """Any JSON body through validation, the limits and the Recommender: an answer or one
+    of the documented request errors (422/404 over HTTP), never anything else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    limits = ServeConfig(model=recommender.config.model, max_k=20, max_history=30,
+                         max_item_ids=50)
+    ids = st.one_of(st.integers(), st.integers(-3, 200), st.text(max_size=8),
+                    st.from_regex(r"[ +0-]?[0-9\u0660-\u0669_]{1,4}\s?", fullmatch=True),
+                    st.floats(), st.booleans(), st.none())
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text())
+    values = st.recursive(scalars | ids, lambda inner: st.lists(inner, max_size=5) |
+                          st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                          max_leaves=12)
+    id_lists = st.lists(ids, max_size=40)
+    keys = {"user_id": ids, "history": id_lists, "k": st.one_of(st.integers(-2, 30), values),
+            "exclude_seen": st.one_of(st.booleans(), values), "exclude_items": id_lists,
+            "candidates": id_lists, "item_ids": id_lists, "colour": values}
+    bodies = st.one_of(values, st.fixed_dictionaries(
+        {}, optional={k: st.one_of(v, values) for k, v in keys.items()}))
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=bodies, route=st.sampled_from(["recommend", "score"]))
+    def check(body, route):
+        try:
+            if route == "recommend":
+                request = RecommendRequest.model_validate(body)
+                request.check(limits)
+                answer = recommender.recommend_many([Query(
+                    user_id=request.user_id, history=request.history, k=request.k,
+                    exclude_seen=request.exclude_seen, exclude_items=request.exclude_items,
+                    candidates=request.candidates)])[0]
+                assert len(answer["items"]) <= request.k
+            else:
+                request = ScoreRequest.model_validate(body)
+                request.check(limits)
+                answer = recommender.score_many([Query(
+                    user_id=request.user_id, history=request.history,
+                    item_ids=request.item_ids)])[0]
+            assert len(answer["unknown_items"]) <= 5
+        except REQUEST_ERRORS:
+            pass
+
+    check()
 
 
 def test_redeploy_new_model_without_errors(server, prepared, models):
@@ -258,8 +470,7 @@ def test_redeploy_new_model_without_errors(server, prepared, models):
         thread.join()
     assert not errors, errors[:5]
     assert seen[0] == before and seen[-1] != before
-    assert requests.get(server + "/version", timeout=10).json()["model_path"] == \
-        os.path.abspath(models[1])
+    assert requests.get(server + "/version", timeout=10).json()["model_name"] == "m1"
 
 
 # -----------------------------------------------------------------------------
@@ -311,3 +522,26 @@ def test_recommender_without_user_data(prepared, models, tmp_path):
         recommender.recommend_many([Query(user_id=1)])
     answer = recommender.recommend_many([Query(history=[], k=2)])[0]
     assert answer["fallback"] is True and len(answer["items"]) == 2
+
+
+def test_key_only_on_the_replicas_refuses_to_start(server, prepared, models):
+    """$EZSASREC_API_KEY in the replicas' environment but not where the app was built: the
+    key would not take effect, so the replica refuses to start (one line in the error)."""
+    from ray import serve
+
+    from ezsasrec_ray.serve import (
+        _REPLICA_ENV_KEY,
+        RecommenderDeployment,
+        _auth_args,
+        deployment_message,
+    )
+
+    config = ServeConfig(model=models[0], data=prepared.path)
+    app = RecommenderDeployment.options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0, "runtime_env": {
+            "env_vars": {API_KEY_ENV: "only-here"}}}).bind(
+        {**config.__dict__, "api_key": None}, _auth_args(None))
+    with pytest.raises(RuntimeError, match="replica-key failed"):
+        serve.run(app, name="replica-key", route_prefix="/replica-key")
+    assert _REPLICA_ENV_KEY in deployment_message("replica-key")  # what run_server prints
+    serve.delete("replica-key")

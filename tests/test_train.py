@@ -414,3 +414,24 @@ def test_patience_counts_rounds_but_never_stops_before_min_steps(prepared, tmp_p
     steps = int(pd.read_csv(tmp_path / "a" / "history.csv")["steps"].iloc[0])
     slow = train(prepared, str(tmp_path / "b"), epochs=6, **{**options, "min_steps": 4 * steps})
     assert slow["epochs_run"] == 4  # stops once min_steps are done (after epoch 4)
+
+
+def test_overwrite_twice_trains_afresh_and_a_named_run_resumes_only_with_its_options(
+        prepared, tmp_path):
+    storage = tmp_path / ".ezsasrec_runs"  # the default: beside the output
+    out = tmp_path / "m"
+    first = train(prepared, str(out), epochs=2, **TINY)
+    again = train(prepared, str(out), epochs=2, overwrite=True, **TINY)
+    # trained again from scratch (a resumed finished run would run no epoch at all)
+    assert again["epochs_run"] == 2 and first["epochs_run"] == 2
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert not storage.exists() or os.listdir(storage) == []  # unnamed runs leave nothing
+    named = {**TINY, "run_name": "nightly", "storage_path": str(tmp_path / "runs")}
+    train(prepared, str(tmp_path / "a"), epochs=2, **named)
+    with pytest.raises(EzSASRecError, match=r"--run-name nightly: .* trained with "
+                                            r"dropout=0.1, not 0.5"):
+        train(prepared, str(tmp_path / "b"), epochs=3, **{**named, "dropout": 0.5})
+    resumed = train(prepared, str(tmp_path / "c"), epochs=3, **named)  # more epochs: fine
+    assert resumed["epochs_run"] == 3
+    assert _latest_state(str(tmp_path / "runs"), "nightly")["resumed_from_epoch"] == 2
