@@ -324,6 +324,46 @@ def _looks_like_header(fields: list[str], data_lines: list[str], delimiter: str)
 
 def _read_text(fs, path: str, uri: str, spec: LogSpec, fmt: str, stats: dict) -> Iterator:
     first_index, lines = _sniff_lines(fs, path)
+    delimiter, column_names, header = _text_layout(uri, spec, fmt, first_index, lines)
+    stats["header_lines"] = int(bool(header))
+    bad_rows: list = []
+
+    def on_invalid(row):  # raw text: an open quote in it may have swallowed lines after it
+        spanned = sum(1 for part in _NEWLINE.split(row.text or "") if part)
+        bad_rows.append((row.number, row.text, max(spanned, 1)))
+        return "skip" if spec.on_bad_lines == "skip" else "error"
+
+    stream = fs.open_input_stream(path, compression="detect")
+    try:
+        reader = pacsv.open_csv(stream, **_csv_options(column_names, delimiter, on_invalid,
+                                                       first_index + 1 if header else 0))
+        data_rows = kept = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            table = _drop_broken_quotes(pa.Table.from_batches([batch]), uri, spec, bad_rows,
+                                        data_rows + first_index + int(header))
+            data_rows += batch.num_rows
+            kept += table.num_rows
+            yield table
+    except pa.ArrowInvalid as exc:
+        if bad_rows and spec.on_bad_lines == "error":
+            number, text = bad_rows[0][:2]
+            got = len(_split_header(text.splitlines()[0] if text else "", delimiter))
+            raise PrepareError(
+                f"{uri}: line {number}: wrong number of fields (expected {len(column_names)}, "
+                f"got {got}): {text[:80]!r}; fix it or pass --on-bad-lines skip"
+            ) from None
+        raise PrepareError(f"{uri}: cannot parse: {str(exc).splitlines()[0]}") from None
+    finally:
+        stream.close()
+    _count_bad_lines(stats, bad_rows, lambda: _count_lines(fs, path) - int(bool(header)) - kept)
+
+
+def _text_layout(uri: str, spec: LogSpec, fmt: str, first_index: int, lines: list):
+    """The delimiter, column names and whether the first line is a header."""
     if not lines or not "".join(lines).strip():
         raise PrepareError(f"{uri}: empty input")
     first = lines[0]
@@ -343,59 +383,31 @@ def _read_text(fs, path: str, uri: str, spec: LogSpec, fmt: str, stats: dict) ->
                 f"{uri}: first line {first[:80]!r} looks like a header but names no known user "
                 "or item column; name them with --user-col/--item-col (or pass --header false "
                 "if it is data)")
-    if header:
-        column_names = fields
-    else:
-        column_names = [str(i) for i in range(len(fields))]
-    stats["header_lines"] = int(bool(header))
-    bad_rows: list = []
+    names = fields if header else [str(i) for i in range(len(fields))]
+    return delimiter, names, header
 
-    def on_invalid(row):  # raw text: an open quote in it may have swallowed lines after it
-        spanned = sum(1 for part in _NEWLINE.split(row.text or "") if part)
-        bad_rows.append((row.number, row.text, max(spanned, 1)))
-        return "skip" if spec.on_bad_lines == "skip" else "error"
 
-    read_options = pacsv.ReadOptions(
-        column_names=column_names, skip_rows=first_index + 1 if header else 0,
-        use_threads=False, block_size=CSV_BLOCK_BYTES)
-    parse_options = pacsv.ParseOptions(
-        delimiter=delimiter, quote_char='"' if delimiter in (",", ";", "|") else False,
-        invalid_row_handler=on_invalid)
-    convert = pacsv.ConvertOptions(  # only the empty field is null: NA, NULL, nan are ids
-        column_types={c: pa.string() for c in column_names}, null_values=[""],
-        strings_can_be_null=True, quoted_strings_can_be_null=True)
-    stream = fs.open_input_stream(path, compression="detect")
-    try:
-        reader = pacsv.open_csv(stream, read_options=read_options, parse_options=parse_options,
-                                convert_options=convert)
-        data_rows = kept = 0
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            table = pa.Table.from_batches([batch])
-            table = _drop_broken_quotes(table, uri, spec, bad_rows,
-                                        data_rows + first_index + int(header))
-            data_rows += batch.num_rows
-            kept += table.num_rows
-            yield table
-    except pa.ArrowInvalid as exc:
-        if bad_rows and spec.on_bad_lines == "error":
-            number, text = bad_rows[0][:2]
-            got = len(_split_header(text.splitlines()[0] if text else "", delimiter))
-            raise PrepareError(
-                f"{uri}: line {number}: wrong number of fields (expected {len(column_names)}, "
-                f"got {got}): {text[:80]!r}; fix it or pass --on-bad-lines skip"
-            ) from None
-        raise PrepareError(f"{uri}: cannot parse: {str(exc).splitlines()[0]}") from None
-    finally:
-        stream.close()
+def _csv_options(column_names: list, delimiter: str, on_invalid, skip_rows: int) -> dict:
+    """pyarrow CSV options: every column a string, only the empty field null (NA, NULL and nan
+    are ids), quotes only where a delimiter makes them usual."""
+    return {
+        "read_options": pacsv.ReadOptions(column_names=column_names, skip_rows=skip_rows,
+                                          use_threads=False, block_size=CSV_BLOCK_BYTES),
+        "parse_options": pacsv.ParseOptions(
+            delimiter=delimiter, quote_char='"' if delimiter in (",", ";", "|") else False,
+            invalid_row_handler=on_invalid),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in column_names}, null_values=[""],
+            strings_can_be_null=True, quoted_strings_can_be_null=True),
+    }
+
+
+def _count_bad_lines(stats: dict, bad_rows: list, lines_not_kept):
+    """Add the file's bad lines to ``stats``. Rows cut by unterminated quotes: every non-empty
+    line not in a kept row or the header is one they swallowed (kept rows hold no newline)."""
     bad_lines = sum(row[2] for row in bad_rows if row[2] is not None)
     if any(row[2] is None for row in bad_rows):
-        # rows cut by unterminated quotes: every non-empty line not in a kept row, the header
-        # or a wrong-length row is one they swallowed (kept rows hold no newline)
-        bad_lines = _count_lines(fs, path) - int(bool(header)) - kept
+        bad_lines = lines_not_kept()
     stats["bad_lines"] = stats.get("bad_lines", 0) + bad_lines
     if bad_rows:
         stats["bad_line_example"] = f"line {bad_rows[0][0]}: {bad_rows[0][1][:80]!r}"
@@ -562,67 +574,85 @@ def read_file(uri: str, file_index: int, spec: LogSpec, stats: dict) -> Iterator
     columns = None
     units: set[str] = set()
     try:
-        if fmt == "parquet":
-            raw_tables = _read_parquet(fs, path, uri, spec, stats)
-        elif fmt == "json":
-            raw_tables = _read_json(fs, path, uri, spec, stats)
-        else:
-            raw_tables = _read_text(fs, path, uri, spec, fmt, stats)
-        for table in raw_tables:
+        for table in _raw_tables(fs, path, uri, spec, fmt, stats):
             if columns is None:
-                names = table.column_names
-                headerless = bool(names) and all(n.isdigit() for n in names)
-                default_time = "2" if headerless and len(names) == 3 else None
-                columns = (
-                    _pick(names, spec.user_col or ("0" if headerless else None),
-                          USER_CANDIDATES, "user", uri, True),
-                    _pick(names, spec.item_col or ("1" if headerless else None),
-                          ITEM_CANDIDATES, "item", uri, True),
-                    _pick(names, spec.time_col if spec.time_col is not None else default_time,
-                          () if headerless else TIME_CANDIDATES, "time", uri, False),
-                )
-            user_col, item_col, time_col = columns
+                columns = _pick_columns(table.column_names, spec, uri)
             n = table.num_rows
-            order = (np.int64(file_index) << ROW_BITS) + np.arange(rows, rows + n, dtype=np.int64)
-            bad, where = _bad_id_rows(table, columns, stats.get("_nested_rows", {}), rows)
-            if bad is not None:
-                first = int(np.flatnonzero(bad)[0])
-                value = _json_text(table.column(where)[first].as_py())
-                place = (f"line {_json_line_number(fs, path, rows + first)}" if fmt == "json"
-                         else f"row {rows + first + 1}")
-                if spec.on_bad_lines == "error":
-                    raise PrepareError(
-                        f"{uri}: {place}: column {where!r}: {str(value)[:80]!r} is a JSON object "
-                        "or array, not an id; fix it or pass --on-bad-lines skip")
-                stats["bad_lines"] = stats.get("bad_lines", 0) + int(bad.sum())
-                stats.setdefault("bad_line_example", f"{place}: {where}={str(value)[:80]!r}")
-                table, order = table.filter(pa.array(~bad)), order[~bad]
+            order = (np.int64(file_index) << ROW_BITS) + np.arange(rows, rows + n,
+                                                                  dtype=np.int64)
+            table, order = _drop_nested_ids(table, order, columns, stats, rows,
+                                            (fs, path, uri, fmt), spec)
             rows += n
             if not table.num_rows:
                 continue
-            if time_col is None:
-                ts = pa.nulls(table.num_rows, pa.int64())
-            else:
-                ts, seen = _to_millis(table.column(time_col).combine_chunks(), uri, time_col,
-                                      kept)
-                units.update(seen)
-            yield pa.table({
-                "user": normalize_ids(_apply_null_values(
-                    table.column(user_col).combine_chunks(), spec.null_values)),
-                "item": normalize_ids(_apply_null_values(
-                    table.column(item_col).combine_chunks(), spec.null_values)),
-                "ts": ts,
-                "ord": pa.array(order),
-            })
+            yield _normalized(table, order, columns, spec, uri, kept, units)
             kept += table.num_rows
     except OSError as exc:
         raise PrepareError(f"{uri}: cannot read ({str(exc).splitlines()[0]})") from None
     except pa.ArrowException as exc:  # every other Arrow error: one line naming the file
         raise PrepareError(f"{uri}: cannot read ({str(exc).splitlines()[0]})") from None
+    _finish_stats(stats, uri, columns, kept, units)
+
+
+def _raw_tables(fs, path: str, uri: str, spec: LogSpec, fmt: str, stats: dict) -> Iterator:
+    if fmt == "parquet":
+        return _read_parquet(fs, path, uri, spec, stats)
+    if fmt == "json":
+        return _read_json(fs, path, uri, spec, stats)
+    return _read_text(fs, path, uri, spec, fmt, stats)
+
+
+def _pick_columns(names: list[str], spec: LogSpec, uri: str) -> tuple:
+    """(user, item, time) column names of a file; a headerless file is user, item[, time]."""
+    headerless = bool(names) and all(n.isdigit() for n in names)
+    default_time = "2" if headerless and len(names) == 3 else None
+    return (
+        _pick(names, spec.user_col or ("0" if headerless else None), USER_CANDIDATES, "user",
+              uri, True),
+        _pick(names, spec.item_col or ("1" if headerless else None), ITEM_CANDIDATES, "item",
+              uri, True),
+        _pick(names, spec.time_col if spec.time_col is not None else default_time,
+              () if headerless else TIME_CANDIDATES, "time", uri, False),
+    )
+
+
+def _drop_nested_ids(table, order, columns, stats: dict, rows: int, where_from, spec: LogSpec):
+    """Rows whose id is a JSON object or array: an error, or skipped and counted."""
+    fs, path, uri, fmt = where_from
+    bad, where = _bad_id_rows(table, columns, stats.get("_nested_rows", {}), rows)
+    if bad is None:
+        return table, order
+    first = int(np.flatnonzero(bad)[0])
+    value = _json_text(table.column(where)[first].as_py())
+    place = (f"line {_json_line_number(fs, path, rows + first)}" if fmt == "json"
+             else f"row {rows + first + 1}")
+    if spec.on_bad_lines == "error":
+        raise PrepareError(
+            f"{uri}: {place}: column {where!r}: {str(value)[:80]!r} is a JSON object "
+            "or array, not an id; fix it or pass --on-bad-lines skip")
+    stats["bad_lines"] = stats.get("bad_lines", 0) + int(bad.sum())
+    stats.setdefault("bad_line_example", f"{place}: {where}={str(value)[:80]!r}")
+    return table.filter(pa.array(~bad)), order[~bad]
+
+
+def _normalized(table, order, columns, spec: LogSpec, uri: str, kept: int, units: set):
+    """One block as (user, item, ts in ms or null, ord)."""
+    user_col, item_col, time_col = columns
+    if time_col is None:
+        ts = pa.nulls(table.num_rows, pa.int64())
+    else:
+        ts, seen = _to_millis(table.column(time_col).combine_chunks(), uri, time_col, kept)
+        units.update(seen)
+    ids = {name: normalize_ids(_apply_null_values(table.column(col).combine_chunks(),
+                                                  spec.null_values))
+           for name, col in (("user", user_col), ("item", item_col))}
+    return pa.table({**ids, "ts": ts, "ord": pa.array(order)})
+
+
+def _finish_stats(stats: dict, uri: str, columns, kept: int, units: set):
     stats.pop("_nested_rows", None)
-    if columns is None or kept == 0:
-        if not stats.get("bad_lines"):
-            raise PrepareError(f"{uri}: empty input (no data rows)")
+    if (columns is None or kept == 0) and not stats.get("bad_lines"):
+        raise PrepareError(f"{uri}: empty input (no data rows)")
     stats.update(rows=kept, columns={"user": columns and columns[0],
                                      "item": columns and columns[1],
                                      "time": columns and columns[2]})
