@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 
 
@@ -27,17 +26,18 @@ def main(argv=None) -> int:
     from .train import train
 
     started = time.time()
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    # each output replaces only what an earlier demo wrote there (never a user's files)
     log_dir = os.path.join(args.workdir, "log")
     prepared_dir = os.path.join(args.workdir, "prepared")
     print(f"== 1. synth: {args.users:,} users, {args.items:,} items, {args.events:,} events")
-    synth(log_dir, users=args.users, items=args.items, events=args.events, seed=0)
+    synth(log_dir, users=args.users, items=args.items, events=args.events, seed=0,
+          overwrite=True)
     print("== 2. prepare (5-core, leave-one-out)")
-    prepare(log_dir, prepared_dir, k_core=5)
+    prepare(log_dir, prepared_dir, k_core=5, overwrite=True)
     model_dir = os.path.join(args.workdir, "model")
     print(f"== 3. train SASRec on Ray Train ({args.epochs} epochs max, early stopping)")
     train(prepared_dir, model_dir, epochs=args.epochs, lr=4e-3, dim=64, dropout=0.1,
-          patience=4, storage_path=os.path.join(args.workdir, "runs"))
+          patience=4, storage_path=os.path.join(args.workdir, "runs"), overwrite=True)
     print("== 4. evaluate on the test target: full catalog, history excluded")
     result = evaluate(prepared_dir, model_dir, split="test")
     print(format_table(result))
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
           f"Markov chain {markov:.4f} ({model / markov:.2f}x)")
     scores_dir = os.path.join(args.workdir, "recommendations")
     print("== 5. score every user over the full catalog (top 10, history excluded)")
-    manifest = recommend(model_dir, prepared_dir, top_n=10, output=scores_dir)
+    manifest = recommend(model_dir, prepared_dir, top_n=10, output=scores_dir, overwrite=True)
     import pandas as pd
 
     top = pd.read_parquet(os.path.join(scores_dir, "recommendations"))
