@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import EzSASRecError, find_user_error, quiet_ray_data_errors
-from .options import check_values, defaults, yaml_keys
+from .options import check_values, defaults, option, yaml_keys
 from .outputs import write_json_atomic
 from .runtime import quiet_ray_data_progress, quiet_ray_logs
 
@@ -104,8 +105,48 @@ def section_classes() -> dict[str, type]:
     from .score import ScoreConfig
     from .train import TrainConfig
 
-    return {"prepare": PrepareConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
-            "score": ScoreConfig}
+    return {"prepare": PrepareConfig, "train": TrainConfig,
+            "evaluate": _evaluate_section(EvaluateConfig), "score": ScoreConfig}
+
+
+GATE_KEYS = ("min_ndcg", "min_vs_markov", "min_vs_previous")
+
+
+@functools.cache
+def _evaluate_section(base: type) -> type:
+    """The evaluate section: evaluate()'s options plus the night's quality gate."""
+
+    @dataclass
+    class EvaluateSection(base):
+        min_ndcg: float | None = option(
+            None, "quality gate: the model's test NDCG@10 must reach this, else the night "
+                  "stops before scoring and scores/latest stays where it was", min=0)
+        min_vs_markov: float | None = option(
+            None, "quality gate: the model's test NDCG@10 must reach this multiple of the "
+                  "Markov chain's", min=0)
+        min_vs_previous: float | None = option(
+            None, "quality gate: the model's test NDCG@10 must reach this multiple of that of "
+                  "the night scores/latest points at", min=0)
+
+    return EvaluateSection
+
+
+def quality_gate(result: dict, gate: dict, previous: float | None = None) -> str | None:
+    """Why an evaluation fails the gate (one line), or None when it passes. ``gate``: the
+    section's ``min_*`` keys; ``previous``: the NDCG@10 of the night scores/latest names."""
+    ndcg = result["model"]["NDCG@10"]
+    checks = [("min_ndcg", 1.0, "the threshold"),
+              ("min_vs_markov", result.get("markov", {}).get("NDCG@10"), "x the Markov chain's"),
+              ("min_vs_previous", previous, "x the previous night's")]
+    for key, base, what in checks:
+        need = gate.get(key)
+        if need is None or base is None:
+            continue
+        if ndcg < need * base:
+            against = f"{need}" if key == "min_ndcg" else f"{need} {what} ({need * base:.4f})"
+            return (f"quality gate evaluate.{key}: test NDCG@10 {ndcg:.4f} is below {against}; "
+                    "scores/latest stays where it was")
+    return None
 
 
 def section_keys() -> dict[str, tuple[str, ...]]:
@@ -475,14 +516,15 @@ class Pipeline:
         from .evaluate import EvaluateConfig, evaluate
 
         c = self.config
-        options = self._with_defaults(EvaluateConfig, c.evaluate)
+        wanted = {k: v for k, v in c.evaluate.items() if k not in GATE_KEYS}  # the gate: after
+        options = self._with_defaults(EvaluateConfig, wanted)
         inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare"),
                   "model": self._require(model_id, c.model_dir, "train")}
 
         def run(fingerprint):
             from .evaluate import format_table
 
-            result = evaluate(c.prepared_dir, c.model_dir, **c.evaluate)
+            result = evaluate(c.prepared_dir, c.model_dir, **wanted)
             write_json_atomic(c.evaluation_path, {
                 "kind": "ezsasrec_ray.evaluation", "data": c.prepared_dir, "model": c.model_dir,
                 "options": options, "fingerprint": fingerprint, "result": result,
@@ -556,6 +598,8 @@ class Pipeline:
         for name in stages:
             try:
                 record = self._stage(name, check, upstream_reruns)
+                if name == "evaluate" and not check:
+                    self._check_gate()
             except Exception as exc:
                 raise StageFailed(name, exc) from exc
             upstream_reruns |= record["status"] in ("would run", "ran")
@@ -593,6 +637,19 @@ class Pipeline:
         self.log(f"[pipeline] {name}: done in {seconds:.1f}s")
         return {**base, "status": "ran", "seconds": seconds, "stamp": stamp}
 
+    def _check_gate(self):
+        """The night's quality gate on evaluation.json (ran now or up to date)."""
+        gate = {k: self.config.evaluate.get(k) for k in GATE_KEYS}
+        if all(v is None for v in gate.values()):
+            return
+        evaluation = _read_json(self.config.evaluation_path) or {}
+        previous = (_read_json(self.config.latest_path) or {}).get("NDCG@10")
+        why = quality_gate(evaluation.get("result") or {"model": {"NDCG@10": 0.0}}, gate,
+                           previous)
+        if why:
+            raise EzSASRecError(why)
+        self.log("[pipeline] quality gate passed")
+
     def _point_latest(self, record: dict):
         """Point scores/latest at this run's date, unless it already points at a later one
         (a back-filled date does not move it back)."""
@@ -611,6 +668,9 @@ class Pipeline:
             "manifest": os.path.join(record["output"], "manifest.json"),
             "fingerprint": record["fingerprint"],
             "users_scored": (stamp.get("counts") or {}).get("users_scored"),
+            # the night's test NDCG@10, for the next night's evaluate.min_vs_previous
+            "NDCG@10": ((_read_json(self.config.evaluation_path) or {}).get("result") or {})
+            .get("model", {}).get("NDCG@10"),
             "updated_at": _now()})
         self.log(f"[pipeline] scores/latest -> {self.date}")
 

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,8 +35,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import dead_pid, free_port
+from conftest import dead_pid, free_port, random_model_dir, synth_prepared
 
+from ezsasrec_ray.dataset import load_prepared
 from ezsasrec_ray.errors import EzSASRecError, find_user_error
 from ezsasrec_ray.pipeline import (
     STAGES,
@@ -542,3 +544,50 @@ def test_a_killed_runs_lock_never_blocks_and_a_live_one_always_does(config_file,
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("gate, previous, fails", [
+    ({}, None, None),
+    ({"min_ndcg": 0.2}, None, "evaluate.min_ndcg: test NDCG@10 0.1500 is below 0.2"),
+    ({"min_ndcg": 0.1}, None, None),
+    ({"min_vs_markov": 1.1}, None, "evaluate.min_vs_markov: test NDCG@10 0.1500 is below 1.1 x"),
+    ({"min_vs_markov": 1.0}, None, None),
+    ({"min_vs_previous": 0.95}, 0.2, "evaluate.min_vs_previous"),
+    ({"min_vs_previous": 0.95}, None, None),  # the first night has nothing to compare with
+    ({"min_vs_previous": 0.95}, 0.155, None),
+])
+def test_quality_gate(gate, previous, fails):
+    from ezsasrec_ray.pipeline import quality_gate
+
+    result = {"model": {"NDCG@10": 0.15}, "markov": {"NDCG@10": 0.14}}
+    why = quality_gate(result, gate, previous)
+    if fails is None:
+        assert why is None
+    else:
+        assert fails in why and "scores/latest stays where it was" in why
+
+
+def test_gate_keys_are_checked_with_the_rest_of_the_config(config_file):
+    with pytest.raises(EzSASRecError, match="evaluate.min_ndcg must be >= 0"):
+        validate(load_config(str(config_file), ["evaluate.min_ndcg=-1"]), stages=STAGES)
+    config = validate(load_config(str(config_file), ["evaluate.min_vs_markov=1.05"]),
+                      stages=STAGES)
+    assert config.evaluate["min_vs_markov"] == 1.05
+
+
+def test_a_failed_gate_stops_the_night_before_scoring(ray_session, tmp_path, config_file):
+    """A model below the gate: the evaluate stage fails with one line, score never runs and
+    scores/latest is not written."""
+    config = load_config(str(config_file), ["evaluate.min_ndcg=0.99"])
+    workdir = Path(config.workdir)
+    data = synth_prepared(workdir / "src", users=120, items=40, events=2000, seed=5)
+    shutil.copytree(data, config.prepared_dir)
+    random_model_dir(config.model_dir, load_prepared(config.prepared_dir))
+    with pytest.raises(StageFailed, match="stage evaluate failed") as info:
+        run_pipeline(config, stages=("evaluate", "score"), log=lambda _: None)
+    assert "quality gate evaluate.min_ndcg" in str(info.value.__cause__)
+    assert not os.path.exists(config.latest_path)
+    assert os.path.exists(config.evaluation_path)  # what was measured is kept
+    passing = load_config(str(config_file), ["evaluate.min_ndcg=0"])
+    records = run_pipeline(passing, stages=("evaluate",), log=lambda _: None)
+    assert [r["status"] for r in records] == ["skipped"]  # same model and options: up to date
