@@ -4,9 +4,9 @@ Protocol ``full`` (default): each user's held-out target is ranked among *all* i
 user's own history excluded (``exclude_seen=False`` keeps it). Protocol ``sampled``: the
 target against 100 sampled negatives — only for comparison with older papers, and labelled so.
 
-The model's user representation is :func:`.score.user_vectors` (``SASRec.user_embeddings`` in
-fixed-shape calls: the same vectors batch scoring and Serve use); ranks come from :mod:`.topk` and metrics from :mod:`.metrics`, with
-the same tie rule and exclusions for the model and for the baselines.
+The model's users are encoded by :func:`.encoder.user_vectors` (the vectors batch scoring and
+Serve use); ranks come from :mod:`.ranking` (over :mod:`.topk`) and metrics from
+:mod:`.metrics`, with the same tie rule and exclusions for the model and for the baselines.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 
 from .dataset import check_holdout, load_prepared
 from .errors import EzSASRecError
-from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, coverage, ranking_metrics
+from .metrics import DEFAULT_KS, coverage, ranking_metrics
 from .model_io import check_vocab, load_model
 from .options import check_instance, option
-from .ranking import baseline_ranks, model_ranks
+from .ranking import baseline_ranks, fitted_baselines, model_ranks
 
 
 @dataclass
@@ -79,10 +79,8 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
                         top=top)
     result["model"] = _metrics(ranks, config.ks, top, data.num_items)
     if baselines:
-        train = data.training_sequences(holdout)
-        for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
-                               ("markov", MarkovBaseline(data.num_items))):
-            baseline.fit(train)
+        fitted = fitted_baselines(data.num_items, data.training_sequences(holdout))
+        for name, baseline in fitted.items():
             ranks = baseline_ranks(baseline, ragged, targets, batch_size=min(batch_size, 256),
                                    exclude_seen=exclude_seen, top=top)
             result[name] = _metrics(ranks, config.ks, top, data.num_items)

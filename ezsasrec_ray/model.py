@@ -239,7 +239,7 @@ class SASRec(keras.Model):
         In inference mode this runs a compiled tf.function (one trace for all shapes);
         ``jit_compile=True`` runs it through XLA instead, which fuses the many small ops (about
         2x faster on CPU at dim 64) but compiles once per input shape: for callers with a few
-        fixed shapes (:func:`.score.user_vectors`). Values differ from the plain graph's by
+        fixed shapes (:func:`.encoder.user_vectors`). Values differ from the plain graph's by
         float32 rounding only.
         """
         if isinstance(histories, tf.Tensor):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .batching import left_pad, take_rows
 from .encoder import user_vectors
-from .metrics import DEFAULT_KS, ranking_metrics
+from .metrics import DEFAULT_KS, MarkovBaseline, PopularityBaseline, ranking_metrics
 from .topk import TopK, rank_from_scores, sampled_ranks, top_k_from_scores
 
 
@@ -77,3 +77,10 @@ def baseline_ranks(baseline, histories, targets, *, batch_size: int = 256,
             top[rows] = top_k_from_scores(scores, top.shape[1],
                                           histories=padded if exclude_seen else None)[0]
     return ranks
+
+
+def fitted_baselines(num_items: int, train_sequences) -> dict:
+    """The two baselines every model is compared with, fitted on the model's training items:
+    ``{"popularity": PopularityBaseline, "markov": MarkovBaseline}``."""
+    return {"popularity": PopularityBaseline(num_items).fit(train_sequences),
+            "markov": MarkovBaseline(num_items).fit(train_sequences)}

@@ -34,7 +34,7 @@ from .model_io import check_vocab, item_vocab, load_model, model_version
 from .options import check_instance, option
 from .runtime import init_ray, set_threads
 from .topk import TopK, exact_scores
-from .vocab import IdIndex
+from .vocab import IdIndex, strict_ids  # noqa: F401 - strict_ids: part of this API
 
 API_KEY_ENV = "EZSASREC_API_KEY"
 APP_NAME = "ezsasrec"
@@ -75,38 +75,10 @@ class ServeConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Raw ids -> indices: strict integer ids, unknown ids reported without echoing them in full
+# Unknown ids reported without echoing them in full (ids are looked up strictly: IdIndex)
 
-_INT_ID = re.compile(r"0|-?[1-9][0-9]{0,18}")  # ASCII digits, optional minus, no padding
-_INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_REPORTED_IDS = 5  # unknown ids: the first few are echoed, the rest only counted
 MAX_REPORTED_CHARS = 64  # each echoed id cut to this many characters
-
-
-def strict_ids(values, is_int: bool) -> list:
-    """Request ids -> values :class:`IdIndex` may look up; None (unknown) for any id an
-    integer vocabulary must not take: a string that is not exactly ASCII digits with an
-    optional leading minus (no spaces, plus sign, leading zeros, ``_`` or non-ASCII digits),
-    a bool, or an integer outside int64."""
-    if not is_int:
-        return list(values)
-    out = []
-    for v in values:
-        if isinstance(v, bool):
-            out.append(None)
-        elif isinstance(v, int):
-            out.append(v if _INT64[0] <= v <= _INT64[1] else None)
-        elif isinstance(v, str) and _INT_ID.fullmatch(v):
-            number = int(v)
-            out.append(number if _INT64[0] <= number <= _INT64[1] else None)
-        else:
-            out.append(None)
-    return out
-
-
-def lookup(index: IdIndex, values) -> np.ndarray:
-    """Raw ids (list) -> indices (n,) int64, 0 where unknown, integer ids strict."""
-    return index.lookup(strict_ids(values, index.is_int))
 
 
 def shown_id(value):
@@ -213,7 +185,7 @@ class Recommender:
 
     def _encode_all_users(self) -> np.ndarray:
         """(U + 1, d) float32: every known user's vector, row 0 unused. The same
-        :func:`.score.user_vectors` on the same histories as the nightly job, done once."""
+        :func:`.encoder.user_vectors` on the same histories as the nightly job, done once."""
         import pyarrow as pa
 
         lists = pa.ListArray.from_arrays(pa.array(self.histories.offsets),
@@ -248,7 +220,7 @@ class Recommender:
     def _items_or_none(self, values, name: str, ignored: dict):
         if values is None:
             return None
-        index = lookup(self.items, values)
+        index = self.items.lookup(values)
         if (index == 0).any():
             ignored[name] = [v for v, i in zip(values, index) if i == 0]
         return np.unique(index[index > 0])
@@ -258,7 +230,7 @@ class Recommender:
         exclude = self._items_or_none(query.exclude_items, "exclude_items", ignored)
         candidates = self._items_or_none(query.candidates, "candidates", ignored)
         if query.history is not None:
-            index = lookup(self.items, query.history)
+            index = self.items.lookup(query.history)
             unknown = [v for v, i in zip(query.history, index) if i == 0]
             history = index[index > 0].astype(np.int32)
             return _Resolved(history if history.size else None, unknown, exclude, candidates,
@@ -266,7 +238,7 @@ class Recommender:
         if self.users is None:
             raise EzSASRecError("user_id: this server has no user data (started without "
                                 "--data); send a history instead")
-        user = int(lookup(self.users, [query.user_id])[0])
+        user = int(self.users.lookup([query.user_id])[0])
         if user == 0:
             return _Resolved(None, [], exclude, candidates, ignored, unknown_user=True)
         history = self.histories.get(user)
@@ -325,7 +297,7 @@ class Recommender:
         vecs = self.vectors([resolved[i] for i in rows]) if rows else None
         position = {i: j for j, i in enumerate(rows)}
         for i, (q, r) in enumerate(zip(queries, resolved)):
-            index = lookup(self.items, q.item_ids or [])
+            index = self.items.lookup(q.item_ids or [])
             known = index > 0
             unknown = r.unknown_items + [v for v, ok in zip(q.item_ids or [], known) if not ok]
             answer = {"item_ids": [v for v, ok in zip(q.item_ids or [], known) if ok],

@@ -120,6 +120,18 @@ def new_state(num_rows, keep):
             np.full(num_rows, EMPTY_KEY, np.int64), np.full(num_rows, -_FLT_MAX, np.float32))
 
 
+@numba.njit(inline="always", **_NUMBA)
+def _flag_rows(block, first, last, lo, flags):
+    """Vectorised: flags[b] = 1 if any of item rows first..last reaches user b's threshold."""
+    num_rows = block.shape[1]
+    for b in range(num_rows):
+        flags[b] = block[first, b] >= lo[b]
+    for c in range(first + 1, last):
+        scores = block[c]
+        for b in range(num_rows):
+            flags[b] |= scores[b] >= lo[b]
+
+
 @numba.njit(**_NUMBA)
 def scan_block(block, start, items, users, table, exact, slack, buf, fill, kth, lo):
     """Feed one block of fast scores into the running top `keep` of every user, in place.
@@ -143,13 +155,7 @@ def scan_block(block, start, items, users, table, exact, slack, buf, fill, kth, 
     flags = words.view(np.uint8)  # (8 * num_words,): one flag per user, read 8 at a time
     for first in range(0, num_items, _ROWS):
         last = min(num_items, first + _ROWS)
-        # vectorised: flags[b] = 1 if any of these item rows reaches user b's threshold
-        for b in range(num_rows):
-            flags[b] = block[first, b] >= lo[b]
-        for c in range(first + 1, last):
-            scores = block[c]
-            for b in range(num_rows):
-                flags[b] |= scores[b] >= lo[b]
+        _flag_rows(block, first, last, lo, flags)
         for w in range(num_words):
             if words[w] == 0:
                 continue

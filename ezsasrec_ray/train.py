@@ -30,11 +30,11 @@ from . import outputs
 from .batching import epoch_batches, history_windows, make_inputs, take_rows
 from .dataset import HOLDOUTS, load_prepared, training_sequences
 from .errors import EzSASRecError
-from .metrics import MarkovBaseline, PopularityBaseline, ranking_metrics
+from .metrics import ranking_metrics
 from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .options import check_instance, option
-from .ranking import baseline_ranks, evaluate_examples
+from .ranking import baseline_ranks, evaluate_examples, fitted_baselines
 from .runtime import init_ray, quiet_native_logs, quiet_ray_logs, set_threads
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --help`` stays fast)
@@ -587,11 +587,10 @@ def _valid_baselines(prepared, holdout: str) -> dict:
         return {}
     _, histories, targets = prepared.holdout_examples("valid")
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
-    fitted_on = prepared.training_sequences(holdout)
     result = {}
-    for name, baseline in (("popularity", PopularityBaseline(prepared.num_items)),
-                           ("markov", MarkovBaseline(prepared.num_items))):
-        metrics = ranking_metrics(baseline_ranks(baseline.fit(fitted_on), ragged, targets))
+    for name, baseline in fitted_baselines(prepared.num_items,
+                                           prepared.training_sequences(holdout)).items():
+        metrics = ranking_metrics(baseline_ranks(baseline, ragged, targets))
         metrics.pop("users", None)
         result[name] = metrics
     return result

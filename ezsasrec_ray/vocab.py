@@ -8,6 +8,7 @@ map ids through here.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -137,14 +138,7 @@ class IdIndex:
 
     def _normal(self, value):
         if self.is_int:
-            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-                return int(value)
-            if isinstance(value, str):
-                try:
-                    return int(value.strip())
-                except ValueError:
-                    return None
-            return None
+            return strict_int_id(value)
         return value if isinstance(value, str) else str(value)
 
     def lookup(self, values) -> np.ndarray:
@@ -166,3 +160,28 @@ class IdIndex:
 
     def memory_bytes(self) -> int:
         return int(self.index.memory_usage(deep=True) + getattr(self.raw, "nbytes", 0))
+
+
+_INT_ID = re.compile(r"0|-?[1-9][0-9]{0,18}")  # ASCII digits, optional minus, no padding
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def strict_int_id(value) -> int | None:
+    """An id an integer vocabulary may take, or None: an int (not a bool) within int64, or a
+    string of exactly ASCII digits with an optional leading minus (no spaces, plus sign,
+    leading zeros, ``_`` or non-ASCII digits)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, str) and _INT_ID.fullmatch(value):
+        number = int(value)
+    else:
+        return None
+    return number if _INT64[0] <= number <= _INT64[1] else None
+
+
+def strict_ids(values, is_int: bool) -> list:
+    """Request ids -> what :class:`IdIndex` looks up (None: unknown) for an integer
+    (``is_int``) or a string vocabulary."""
+    return [strict_int_id(v) for v in values] if is_int else list(values)
