@@ -19,12 +19,12 @@ from ezsasrec_ray.fit import Adam, make_train_step
 from ezsasrec_ray.metrics import MarkovBaseline, PopularityBaseline, ranking_metrics
 from ezsasrec_ray.model_io import load_model
 from ezsasrec_ray.ranking import baseline_ranks
-from ezsasrec_ray.train import (
+from ezsasrec_ray.train import train
+from ezsasrec_ray.train_loop import (
     TrainConfig,
     _restore_checkpoint,
     _save_checkpoint,
     build_optimizer,
-    train,
 )
 
 # eval_every_steps 1 and min_steps 0: a validation round (and checkpoint) every epoch, so the
