@@ -77,7 +77,25 @@ def _train_flags(p: argparse.ArgumentParser):
 
     _add_inputs(p, model=False)
     _add_output(p, "model directory to write")
+    p.add_argument("--params", default=None, metavar="JSON",
+                   help="training options from a file: best.json of `ezsasrec tune`, or a "
+                        "mapping of options; flags given as well override it (default: None)")
     add_arguments(p, TrainConfig)
+    _add_overwrite(p)
+    _add_address(p)
+
+
+def _tune_flags(p: argparse.ArgumentParser):
+    from .train import TrainConfig
+    from .tune import TuneConfig
+
+    _add_inputs(p, model=False)
+    _add_output(p, "directory to write the trials, best.json (and the refit model/)")
+    add_arguments(p, TuneConfig)
+    base = p.add_argument_group("training options of every trial (the search space "
+                                "overrides those it searches)")
+    add_arguments(base, TrainConfig, skip=("num_workers", "cpus_per_worker", "run_name",
+                                           "verbose", "max_failures", "keep_checkpoints"))
     _add_overwrite(p)
     _add_address(p)
 
@@ -130,6 +148,8 @@ _SUBCOMMANDS = {  # name -> (help, flags)
     "synth": ("write a synthetic log with sequential structure", _synth_flags),
     "prepare": ("raw log -> k-core filtered, encoded sequences", _prepare_flags),
     "train": ("train SASRec on Ray Train", _train_flags),
+    "tune": ("search training options on Ray Tune (ASHA), then refit the best",
+             _tune_flags),
     "evaluate": ("full-catalog leave-one-out metrics + baselines", _evaluate_flags),
     "score": ("top-N over the full catalog for every user", _score_flags),
     "serve": ("answer recommendations online with Ray Serve", _serve_flags),
@@ -150,8 +170,22 @@ class _Subcommand(argparse.ArgumentParser):
             add_flags(self)
 
     def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, and ``namespace.explicit``: the options given on the command line
+        (a flag given at its default value counts), for ``--params`` to yield to them."""
         self._ready()
-        return super().parse_known_args(args, namespace)
+        unset = object()
+        probe = argparse.Namespace(**{a.dest: unset for a in self._actions
+                                      if a.dest != argparse.SUPPRESS},
+                                   **(vars(namespace) if namespace is not None else {}))
+        namespace, rest = super().parse_known_args(args, probe)
+        explicit = set()
+        for action in self._actions:
+            if getattr(namespace, action.dest, None) is unset:
+                setattr(namespace, action.dest, action.default)
+            elif action.dest != argparse.SUPPRESS:
+                explicit.add(action.dest)
+        namespace.explicit = explicit
+        return namespace, rest
 
     def format_usage(self):
         self._ready()
@@ -216,6 +250,35 @@ def _save_evaluation(result: dict, model_dir: str, stream):
     print(f"evaluation written to {path}", file=stream)
 
 
+def _with_params(cls, args: argparse.Namespace) -> dict:
+    """The training options: ``--params`` file, then the flags given on the command line."""
+    from .train_loop import read_params
+
+    options = _options(cls, args)
+    if args.params:
+        params = read_params(args.params)
+        options.update({k: v for k, v in params.items() if k not in args.explicit})
+        cls(**options)  # the combination checked before Ray starts
+    return options
+
+
+def _tune(args: argparse.Namespace):
+    """Search, print the best trial, then (unless --no-refit) the refit into OUTPUT/model."""
+    from .train import TrainConfig, train
+    from .tune import TuneConfig, print_best, refit_options, tune
+
+    best = tune(args.data, args.output, train_options=_options(TrainConfig, args),
+                address=args.address, overwrite=args.overwrite, **_options(TuneConfig, args))
+    print_best(best)
+    print(f"trials, best.json and trials.png written to {args.output}")
+    if args.refit:
+        model_dir = os.path.join(args.output, "model")
+        print(f"refit: {best['best_epoch']} epochs on the validation targets too "
+              "(holdout test)")
+        train(args.data, model_dir, address=args.address, **refit_options(best))
+        print(f"refit model written to {model_dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from .synth import SynthConfig, synth
@@ -231,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         from .train import TrainConfig, train
 
         metrics = train(args.data, args.output, address=args.address,
-                        overwrite=args.overwrite, **_options(TrainConfig, args))
+                        overwrite=args.overwrite, **_with_params(TrainConfig, args))
         if metrics["valid"]:
             print(f"model written to {args.output}: best epoch {metrics['best_epoch']}, "
                   f"validation NDCG@10 {metrics['valid']['NDCG@10']:.4f}, "
@@ -239,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"model written to {args.output}: epoch {metrics['best_epoch']} "
                   f"(holdout {args.holdout}: no validation)")
+    elif args.command == "tune":
+        _tune(args)
     elif args.command == "evaluate":
         import json
 

@@ -1,12 +1,14 @@
-"""The nightly pipeline: prepare -> train -> evaluate -> score, driven by one YAML config.
+"""The nightly pipeline: prepare -> [tune] -> train -> evaluate -> score, from one YAML config.
 
 ``jobs/*.py`` only call :func:`main`. The config (``jobs/config.example.yaml`` documents every
 key) has ``workdir``, ``ray`` and one section per stage, whose keys are the fields of that
 stage's config dataclass; it is checked whole before any stage starts. Under ``workdir``:
-``prepared/``, ``model/``, ``evaluation.json``, ``scores/<date>/``, the ``scores/latest``
+``prepared/``, ``tune/`` (when ``tune.enabled``), ``model/``, ``evaluation.json``, ``scores/<date>/``, the ``scores/latest``
 pointer (written last), ``runs/`` (checkpoints), ``stamps/`` and ``.pipeline.lock``.
 A stage is skipped when its stamp's fingerprint (inputs and options) matches and its output
-is still the one recorded. Layout, re-runs and failures: docs/internals.md, "pipeline".
+is still the one recorded; the tune stage also while the data has not drifted (users, items
+or events changed by more than ``tune.drift`` since the search), and training then starts
+from its ``best.json``. Layout, re-runs and failures: docs/internals.md, "pipeline".
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .options import check_values, defaults, option, yaml_keys
 from .outputs import write_json_atomic
 from .runtime import quiet_ray_data_progress, quiet_ray_logs
 
-STAGES = ("prepare", "train", "evaluate", "score")
+STAGES = ("prepare", "tune", "train", "evaluate", "score")
 SECTIONS = ("workdir", "ray", *STAGES)
 RAY_KEYS = ("address",)
 DEFAULT_RUN_NAME = "pipeline-train"
@@ -43,6 +45,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Arguments the pipeline sets itself (paths come from workdir, Ray from the ray section).
 _MANAGED = {
     "prepare": ("output", "overwrite", "address"),
+    "tune": ("refit",),  # the train stage trains the final model
     "train": ("data", "output", "overwrite", "address"),
     "evaluate": ("data", "model"),
     "score": ("model", "data", "output", "overwrite", "address"),
@@ -64,6 +67,7 @@ class PipelineConfig:
     workdir: str
     address: str | None = None
     prepare: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
     score: dict = field(default_factory=dict)
@@ -71,6 +75,14 @@ class PipelineConfig:
     @property
     def prepared_dir(self) -> str:
         return os.path.join(self.workdir, "prepared")
+
+    @property
+    def tune_dir(self) -> str:
+        return os.path.join(self.workdir, "tune")
+
+    @property
+    def tuned(self) -> bool:
+        return bool(self.tune.get("enabled"))
 
     @property
     def model_dir(self) -> str:
@@ -104,12 +116,44 @@ def section_classes() -> dict[str, type]:
     from .prepare import PrepareConfig
     from .score import ScoreConfig
     from .train import TrainConfig
+    from .tune import TuneConfig
 
-    return {"prepare": PrepareConfig, "train": TrainConfig,
+    return {"prepare": PrepareConfig, "tune": _tune_section(TuneConfig), "train": TrainConfig,
             "evaluate": _evaluate_section(EvaluateConfig), "score": ScoreConfig}
 
 
 GATE_KEYS = ("min_ndcg", "min_vs_markov", "min_vs_previous")
+TUNE_KEYS = ("enabled", "drift")  # the tune section's keys that are the pipeline's own
+# training options a tune trial cannot take (each trial is one worker, run by Tune)
+_NOT_IN_TRIALS = ("num_workers", "cpus_per_worker", "run_name", "verbose", "max_failures",
+                  "keep_checkpoints")
+
+
+@functools.cache
+def _tune_section(base: type) -> type:
+    """The tune section: tune()'s options plus when the pipeline runs the search."""
+
+    @dataclass
+    class TuneSection(base):
+        enabled: bool = option(False, "run the tune stage: search on the first night, then "
+                                      "again when asked (--force tune) or when the data drifts; "
+                                      "training starts from tune/best.json")
+        drift: float = option(0.25, "search again when users, items or events changed by more "
+                                    "than this share since the last search", min=0)
+
+    return TuneSection
+
+
+def data_profile(prepared_dir: str) -> dict:
+    """The sizes of a prepared dataset that decide whether a search still holds."""
+    from .dataset import load_prepared
+
+    counts = load_prepared(prepared_dir).manifest["counts"]
+    return {k: counts[k] for k in ("users_kept", "items_kept", "events_kept")}
+
+
+def drifted(before: dict, now: dict, share: float) -> bool:
+    return any(abs(now[k] - before[k]) > share * max(before[k], 1) for k in now)
 
 
 @functools.cache
@@ -287,6 +331,9 @@ def validate(config: PipelineConfig, stages: Sequence[str] = STAGES) -> Pipeline
             list_input_files(config.prepare["input"])
         except EzSASRecError as exc:
             raise EzSASRecError(f"{src}: prepare.input: {exc.message}") from None
+    if config.tuned and config.train.get("holdout", "valid") != "valid":
+        raise EzSASRecError(f"{src}: train.holdout: the tune stage ranks trials on validation "
+                            "NDCG@10; keep holdout valid while tune.enabled is true")
     if "evaluate" in stages and config.train.get("holdout") == "none":
         raise EzSASRecError(f"{src}: train.holdout: 'none' trains on the test targets, so the "
                             "evaluate stage cannot measure the model")
@@ -348,6 +395,13 @@ def _file_id(path: str) -> str | None:
     from .dataset import sha256_file
 
     return sha256_file(path) if os.path.isfile(path) else None
+
+
+def tune_id(path: str) -> str | None:
+    """Id of a tune output: its best.json's hash, when complete (_SUCCESS present)."""
+    if not os.path.exists(os.path.join(path, "_SUCCESS")):
+        return None
+    return _file_id(os.path.join(path, "best.json"))
 
 
 def scores_id(path: str) -> str | None:
@@ -484,13 +538,54 @@ class Pipeline:
                                      "files": input_files(c.prepare["input"])},
                          options, c.prepared_dir, self._stamp("prepare"), prepared_id, run)
 
+    def plan_tune(self) -> StagePlan:
+        from .tune import TuneConfig
+
+        c = self.config
+        opts = {k: v for k, v in c.tune.items() if k not in TUNE_KEYS}
+        base = {**{k: v for k, v in c.train.items() if k not in _NOT_IN_TRIALS},
+                "storage_path": c.storage_path}
+        options = {"tune": self._with_defaults(TuneConfig, opts), "train": base}
+        self._require(prepared_id, c.prepared_dir, "prepare")
+        profile = data_profile(c.prepared_dir)
+        tuned_on = ((_read_json(self._stamp("tune")) or {}).get("inputs") or {}).get("profile")
+        if tuned_on and not drifted(tuned_on, profile, c.tune.get("drift", 0.25)):
+            profile = tuned_on  # within the drift: the search still holds (same fingerprint)
+
+        def run(_fingerprint):
+            from .tune import tune
+
+            best = tune(c.prepared_dir, c.tune_dir, train_options=base, address=c.address,
+                        overwrite=True, log=self.log, refit=False, **opts)
+            return {"valid": best["valid"], "searched": best["searched"],
+                    "best_epoch": best["best_epoch"], "trials": best["trials"],
+                    "tune_seconds": best["tune_seconds"]}
+
+        return StagePlan("tune", {"profile": profile}, options, c.tune_dir, self._stamp("tune"),
+                         tune_id, run)
+
+    def train_options(self) -> dict:
+        """The train section, over tune/best.json's params when the tune stage is on."""
+        c = self.config
+        if not c.tuned:
+            return dict(c.train)
+        from .train_loop import read_params
+
+        best = os.path.join(c.tune_dir, "best.json")
+        self._require(tune_id, c.tune_dir, "tune")
+        params = {k: v for k, v in read_params(best).items() if k not in _NOT_IN_TRIALS}
+        return {**params, **c.train}  # keys the train section sets win
+
     def plan_train(self) -> StagePlan:
         from .train import TrainConfig
 
         c = self.config
-        options = {k: v for k, v in dataclasses.asdict(TrainConfig(**c.train)).items()
+        train_options = self.train_options()
+        options = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_options)).items()
                    if k not in _TRAIN_NOT_RESULT}
         inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare")}
+        if c.tuned:
+            inputs["tune"] = tune_id(c.tune_dir)
 
         def run(fingerprint):
             from .train import train
@@ -500,7 +595,8 @@ class Pipeline:
             stamp = _read_json(self._stamp("train"))
             if "train" in self.force or (stamp and stamp.get("fingerprint") == fingerprint):
                 self._remove_run(run_name)  # finished before: start afresh, do not resume it
-            opts = {k: v for k, v in c.train.items() if k not in ("run_name", "storage_path")}
+            opts = {k: v for k, v in train_options.items()
+                    if k not in ("run_name", "storage_path")}
             metrics = train(c.prepared_dir, c.model_dir, address=c.address, overwrite=True,
                             run_name=run_name, storage_path=c.storage_path, **opts)
             placement = _actor_nodes("RayTrainWorker")
@@ -748,6 +844,8 @@ def run_pipeline(config: PipelineConfig, *, stages: Sequence[str] = STAGES,
         stages = [s for s in stages if s != "evaluate"]
         log("[pipeline] evaluate skipped: train.holdout is 'none' (the model trains on the "
             "test targets)")
+    if not config.tuned:  # an optional stage, off unless tune.enabled
+        stages = [s for s in stages if s != "tune"]
     validate(config, stages)
     date = check_date(date)
     package = os.path.dirname(os.path.abspath(__file__))

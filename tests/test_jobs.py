@@ -81,7 +81,7 @@ def write_config(path: Path, workdir: Path, log: Path, **sections) -> Path:
               "train": dict(TINY_TRAIN), "evaluate": {"ks": [10]},
               "score": {"top_n": 5, "verbose": False}}
     for name, values in sections.items():
-        config[name].update(values)
+        config.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -359,7 +359,7 @@ def test_pipeline_job_runs_skips_and_fails_safely(job_server, tmp_path):
     # 1. The whole pipeline as a Ray job.
     status, logs = submit(client, ["--config", str(config), "--date", "2026-01-01"])
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    for stage in STAGES:
+    for stage in ("prepare", "train", "evaluate", "score"):  # tune is off by default
         assert f"[pipeline] {stage}: running (no output yet)" in logs
     # the package uploaded with the working dir, not the checkout installed in the venv
     assert re.search(r"\[pipeline\] ezsasrec_ray \S+ from \S+/_ray_pkg_\w+/ezsasrec_ray;", logs)
@@ -591,3 +591,34 @@ def test_a_failed_gate_stops_the_night_before_scoring(ray_session, tmp_path, con
     passing = load_config(str(config_file), ["evaluate.min_ndcg=0"])
     records = run_pipeline(passing, stages=("evaluate",), log=lambda _: None)
     assert [r["status"] for r in records] == ["skipped"]  # same model and options: up to date
+
+
+def test_the_tune_stage_searches_once_and_training_starts_from_its_best(ray_session, tmp_path):
+    """tune.enabled: the first night searches and trains from best.json (the train section's
+    own keys win); the next night with the same data skips the search; grown data past
+    tune.drift searches again."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lr": {"grid": [0.01, 0.002]}, "dim": 16, "maxlen": 8,
+                                     "blocks": 1, "heads": 1, "dropout": 0.1}))
+    log = write_log(tmp_path / "log.csv", users=150)
+    config_file = write_config(
+        tmp_path / "config.yaml", tmp_path / "work", log,
+        tune={"enabled": True, "num_samples": 1, "space": str(space), "max_concurrent": 1},
+        train={"epochs": 2, "eval_every_steps": 1, "min_steps": 0, "batch_size": 32})
+    stages = ("prepare", "tune", "train")
+    records = run_pipeline(load_config(str(config_file)), stages=stages, log=lambda _: None)
+    assert [r["status"] for r in records] == ["ran", "ran", "ran"]
+    work = tmp_path / "work"
+    best = read_json(work / "tune" / "best.json")
+    metrics = read_json(work / "model" / "metrics.json")
+    assert metrics["train"]["lr"] == best["params"]["lr"] in (0.01, 0.002)  # from best.json
+    assert metrics["train"]["epochs"] == 2 and metrics["train"]["batch_size"] == 32  # section
+    records = run_pipeline(load_config(str(config_file)), stages=stages, log=lambda _: None)
+    assert [r["status"] for r in records] == ["skipped"] * 3
+    write_log(tmp_path / "log.csv", users=300)  # twice the users: past the 25% drift
+    records = run_pipeline(load_config(str(config_file)), stages=stages, log=lambda _: None)
+    assert [r["status"] for r in records] == ["ran", "ran", "ran"]
+    assert records[1]["stamp"]["reason"] == "inputs changed"
+    off = run_pipeline(load_config(str(config_file), ["tune.enabled=false"]), stages=stages,
+                       check=True, log=lambda _: None)
+    assert [r["stage"] for r in off] == ["prepare", "train"]
