@@ -19,6 +19,7 @@ from .dataset import sha256_file
 from .errors import EzSASRecError
 
 MODEL_FORMAT_VERSION = 1
+NIGHT_FILE = "night.json"  # in a pipeline's nights/<date>/: what that night published
 CONFIG_FILE = "config.json"  # SASRecConfig as JSON
 WEIGHTS_FILE = "model.weights.h5"  # Keras 3 weights (HDF5)
 
@@ -77,6 +78,27 @@ def check_vocab(model, data):
         raise EzSASRecError(
             f"model {getattr(model, 'model_dir', '?')} was trained with other vocabularies than "
             f"{data.path} (vocab fingerprint differs); re-train or use the matching data")
+
+
+def resolve_night(model: str, data: str | None = None) -> tuple[str, str | None]:
+    """``(model directory, prepared dataset)`` for a ``model`` that names a pipeline night
+    instead of a model directory: a workdir, its ``scores/latest`` pointer or one
+    ``nights/<date>/``. A night's model and data were published together, so a server that
+    reads through it never pairs tonight's data with last night's model; ``data``, when given,
+    is kept. Any other path comes back as it is."""
+    night = None
+    if os.path.isfile(model) or os.path.isfile(os.path.join(model, "scores", "latest")):
+        pointer = model if os.path.isfile(model) else os.path.join(model, "scores", "latest")
+        night = _json_object(pointer).get("night")
+        if not night:
+            raise EzSASRecError(f"{pointer}: names no published night (written by an older "
+                                "pipeline?); give the model directory")
+    elif os.path.isfile(os.path.join(model, NIGHT_FILE)):
+        night = model
+    if night is None:
+        return model, data
+    _json_object(os.path.join(night, NIGHT_FILE))  # a night in place, or one line
+    return os.path.join(night, "model"), data or os.path.join(night, "prepared")
 
 
 def model_info(path: str) -> SimpleNamespace:

@@ -41,6 +41,7 @@ SECTIONS = ("workdir", "ray", *STAGES)
 RAY_KEYS = ("address",)
 DEFAULT_RUN_NAME = "pipeline-train"
 STAMP_VERSION = 1
+NIGHTS_KEPT = 3  # published nights kept under nights/ (the newest; a rollback needs one)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Arguments the pipeline sets itself (paths come from workdir, Ray from the ray section).
 _MANAGED = {
@@ -99,6 +100,10 @@ class PipelineConfig:
     @property
     def latest_path(self) -> str:
         return os.path.join(self.scores_dir, "latest")
+
+    @property
+    def nights_dir(self) -> str:
+        return os.path.join(self.workdir, "nights")
 
     @property
     def stamps_dir(self) -> str:
@@ -701,7 +706,7 @@ class Pipeline:
             upstream_reruns |= record["status"] in ("would run", "ran")
             records.append(record)
             if name == "score" and not check:
-                self._point_latest(record)
+                self._publish_night(record)
         return records
 
     def _stage(self, name: str, check: bool, upstream_reruns: bool) -> dict:
@@ -746,29 +751,72 @@ class Pipeline:
             raise EzSASRecError(why)
         self.log("[pipeline] quality gate passed")
 
-    def _point_latest(self, record: dict):
-        """Point scores/latest at this run's date, unless it already points at a later one
-        (a back-filled date does not move it back)."""
-        path = self.config.latest_path
-        current = _read_json(path)
+    def _publish_night(self, record: dict):
+        """Publish the night as a whole: ``nights/<date>/`` holds its prepared data, model and
+        evaluation (hard links: no copy of the bytes), then ``scores/latest`` moves to it, last.
+        A night that fails before this leaves the last published night whole. A back-filled
+        date is published but does not move ``scores/latest`` back."""
+        c = self.config
+        night = os.path.join(c.nights_dir, self.date)
+        current = _read_json(c.latest_path)
+        if current and current.get("date") == self.date and current.get("night") == night \
+                and current.get("fingerprint") == record["fingerprint"] and os.path.isdir(night):
+            return  # this night, published already
+        self._write_night(night, record)
         if current and current.get("date", "") > self.date:
             self.log(f"[pipeline] scores/latest stays at {current['date']} (newer than "
-                     f"{self.date})")
-            return
-        if current and current.get("date") == self.date and \
-                current.get("fingerprint") == record["fingerprint"]:
+                     f"{self.date}); this night is in {night}")
             return
         stamp = record.get("stamp") or {}
-        write_json_atomic(path, {
-            "date": self.date, "path": record["output"],
+        write_json_atomic(c.latest_path, {
+            "date": self.date, "path": record["output"], "night": night,
+            "model": os.path.join(night, "model"), "data": os.path.join(night, "prepared"),
             "manifest": os.path.join(record["output"], "manifest.json"),
             "fingerprint": record["fingerprint"],
             "users_scored": (stamp.get("counts") or {}).get("users_scored"),
             # the night's test NDCG@10, for the next night's evaluate.min_vs_previous
-            "NDCG@10": ((_read_json(self.config.evaluation_path) or {}).get("result") or {})
+            "NDCG@10": ((_read_json(c.evaluation_path) or {}).get("result") or {})
             .get("model", {}).get("NDCG@10"),
             "updated_at": _now()})
-        self.log(f"[pipeline] scores/latest -> {self.date}")
+        self.log(f"[pipeline] scores/latest -> {self.date} ({night})")
+        self._prune_nights(keep=night)
+
+    def _write_night(self, night: str, record: dict):
+        from .model_io import NIGHT_FILE
+        from .outputs import writing
+
+        c = self.config
+        with writing(night, overwrite=True, kind="night") as pending:
+            for name, source in (("prepared", c.prepared_dir), ("model", c.model_dir)):
+                shutil.copytree(source, os.path.join(pending.tmp, name),
+                                copy_function=_link_or_copy)
+            if os.path.exists(c.evaluation_path):
+                _link_or_copy(c.evaluation_path, os.path.join(pending.tmp, "evaluation.json"))
+            write_json_atomic(os.path.join(pending.tmp, NIGHT_FILE), {
+                "date": self.date, "prepared": prepared_id(c.prepared_dir),
+                "model": model_id(c.model_dir), "scores": record["output"],
+                "published_at": _now()})
+
+    def _prune_nights(self, keep: str):
+        """Keep the newest ``NIGHTS_KEPT`` nights (and the one latest names); older ones go.
+        Only directories this project wrote are removed."""
+        from .outputs import written_by_us
+
+        root = self.config.nights_dir
+        ours = sorted((d for d in os.listdir(root)
+                       if _DATE.match(d) and written_by_us(os.path.join(root, d))), reverse=True)
+        for date in ours[NIGHTS_KEPT:]:
+            if os.path.join(root, date) != keep:
+                shutil.rmtree(os.path.join(root, date), ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str):
+    """A hard link (outputs are replaced by rename, never rewritten, so a link keeps the
+    night's bytes), or a copy across filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _now() -> str:

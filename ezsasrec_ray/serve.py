@@ -30,7 +30,7 @@ from .batching import left_pad
 from .dataset import load_prepared
 from .encoder import user_vectors, warm_up
 from .errors import EzSASRecError
-from .model_io import check_vocab, item_vocab, load_model, model_version
+from .model_io import check_vocab, item_vocab, load_model, model_version, resolve_night
 from .options import check_instance, option
 from .runtime import init_ray, set_threads
 from .topk import TopK, exact_scores
@@ -45,7 +45,8 @@ DEPLOYMENT_NAME = "Recommender"
 class ServeConfig:
     """What a replica loads and the limits it enforces (validated before anything loads)."""
 
-    model: str = option(MISSING, "model directory")
+    model: str = option(MISSING, "model directory, or a pipeline night: its workdir or "
+                                 "scores/latest pointer (that night's model and data)")
     data: str | None = option(None, "prepared dataset: user histories for user-id requests "
                                     "(default: none, history requests only)")
     max_k: int = option(100, "largest k a request may ask for", min=1)
@@ -714,6 +715,10 @@ def build_app(args: dict):
         raise EzSASRecError(f"serve: unknown argument {unknown[0]!r} (known: "
                             f"{', '.join(sorted(known | set(option_keys)))})")
     config = ServeConfig(**args)  # validated here, before any replica starts
+    # a pipeline night (workdir, scores/latest): pinned now, so every replica, restarted or
+    # added later, reads that night's model and data together
+    model, data = resolve_night(config.model, config.data)
+    config = replace(config, model=model, data=data)
     # The key is decided here (api_key, else $EZSASREC_API_KEY of this process) and only its
     # hash travels, in the deployment's arguments: every replica gets it, however started
     auth = _auth_args(config.api_key)

@@ -269,11 +269,14 @@ def test_one_run_per_workdir(config_file):
 def test_latest_moves_forward_only(config_file):
     config = load_config(str(config_file))
     latest = Path(config.latest_path)
+    for stage_output in (config.prepared_dir, config.model_dir):  # what a night links
+        os.makedirs(stage_output)
+        Path(stage_output, "part").write_text("x")
 
     def publish(date):
         record = {"output": os.path.join(config.scores_dir, date), "fingerprint": date,
                   "stamp": {"counts": {"users_scored": 7}}}
-        Pipeline(config, date=date, log=lambda _: None)._point_latest(record)
+        Pipeline(config, date=date, log=lambda _: None)._publish_night(record)
         return read_json(latest)
 
     assert publish("2026-03-01")["date"] == "2026-03-01"
@@ -282,6 +285,9 @@ def test_latest_moves_forward_only(config_file):
     assert pointer["date"] == "2026-03-02" and pointer["users_scored"] == 7
     assert pointer["path"] == os.path.join(config.workdir, "scores", "2026-03-02")
     assert os.listdir(latest.parent) == ["latest"]  # no temporary file left behind
+    # every date is published as a night, the back-filled one too
+    assert sorted(os.listdir(config.nights_dir)) == ["2026-02-27", "2026-03-01", "2026-03-02"]
+    assert pointer["night"] == os.path.join(config.nights_dir, "2026-03-02")
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,3 +628,52 @@ def test_the_tune_stage_searches_once_and_training_starts_from_its_best(ray_sess
     off = run_pipeline(load_config(str(config_file), ["tune.enabled=false"]), stages=stages,
                        check=True, log=lambda _: None)
     assert [r["stage"] for r in off] == ["prepare", "train"]
+
+
+def test_a_night_is_published_whole_and_served_through_its_pointer(ray_session, tmp_path,
+                                                                   config_file):
+    """scores/latest names nights/<date>/, which holds that night's data, model and
+    evaluation together. A later night that dies after prepare leaves prepared/ and model/
+    with different vocabularies; the published night still pairs them right, and a server
+    pointed at the workdir reads it."""
+    from ezsasrec_ray.model_io import check_vocab, load_model, resolve_night
+
+    config = load_config(str(config_file))
+    workdir = Path(config.workdir)
+    shutil.copytree(synth_prepared(workdir / "src1", users=120, items=40, events=2000, seed=5),
+                    config.prepared_dir)
+    random_model_dir(config.model_dir, load_prepared(config.prepared_dir))
+    run_pipeline(config, stages=("evaluate", "score"), date="2026-01-01", log=lambda _: None)
+    night = workdir / "nights" / "2026-01-01"
+    latest = read_json(workdir / "scores" / "latest")
+    assert latest["night"] == str(night) and (night / "night.json").exists()
+    assert (night / "evaluation.json").exists() and (night / "_SUCCESS").exists()
+    # the next night dies after prepare: tonight's data beside last night's model
+    shutil.rmtree(config.prepared_dir)
+    shutil.copytree(synth_prepared(workdir / "src2", users=150, items=45, events=2500, seed=6),
+                    config.prepared_dir)
+    with pytest.raises(EzSASRecError, match="other vocabularies"):
+        check_vocab(load_model(config.model_dir), load_prepared(config.prepared_dir))
+    for pointer in (workdir, workdir / "scores" / "latest", night):
+        model, data = resolve_night(str(pointer))
+        assert (model, data) == (str(night / "model"), str(night / "prepared"))
+        check_vocab(load_model(model), load_prepared(data))  # the night's own pair
+    assert resolve_night(config.model_dir, "d") == (config.model_dir, "d")  # a plain model dir
+
+
+def test_only_the_newest_nights_are_kept_and_never_a_users_directory(tmp_path, config_file):
+    from ezsasrec_ray.outputs import writing
+    from ezsasrec_ray.pipeline import NIGHTS_KEPT, Pipeline
+
+    config = load_config(str(config_file))
+    dates = [f"2026-01-0{d}" for d in range(1, 7)]
+    for date in dates[:-1]:
+        with writing(os.path.join(config.nights_dir, date), overwrite=False, kind="night"):
+            pass
+    os.makedirs(os.path.join(config.nights_dir, dates[-1]))  # not ours (no marker)
+    (Path(config.nights_dir) / dates[-1] / "notes.txt").write_text("mine")
+    Pipeline(config, date=dates[0])._prune_nights(keep=os.path.join(config.nights_dir,
+                                                                     dates[0]))
+    left = sorted(os.listdir(config.nights_dir))
+    # the user's directory, our newest NIGHTS_KEPT nights and the one latest names
+    assert left == sorted({dates[-1], dates[0], *dates[-1 - NIGHTS_KEPT:-1]})
