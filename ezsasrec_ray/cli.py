@@ -144,6 +144,13 @@ def _serve_flags(p: argparse.ArgumentParser):
     _add_address(p)
 
 
+def _export_flags(p: argparse.ArgumentParser):
+    from .export import ExportConfig
+
+    add_arguments(p, ExportConfig)
+    _add_overwrite(p)
+
+
 _SUBCOMMANDS = {  # name -> (help, flags)
     "synth": ("write a synthetic log with sequential structure", _synth_flags),
     "prepare": ("raw log -> k-core filtered, encoded sequences", _prepare_flags),
@@ -153,6 +160,7 @@ _SUBCOMMANDS = {  # name -> (help, flags)
     "evaluate": ("full-catalog leave-one-out metrics + baselines", _evaluate_flags),
     "score": ("top-N over the full catalog for every user", _score_flags),
     "serve": ("answer recommendations online with Ray Serve", _serve_flags),
+    "export": ("write a model as a TensorFlow SavedModel for other servers", _export_flags),
 }
 
 
@@ -325,6 +333,12 @@ def run(args: argparse.Namespace) -> int:
         run_server(options.pop("model"), options.pop("data"), host=args.host, port=args.port,
                    replicas=args.replicas, autoscale=args.autoscale, address=args.address,
                    num_cpus=args.num_cpus, num_gpus=args.num_gpus, **options)
+    elif args.command == "export":
+        from .export import ExportConfig, export
+
+        info = export(**_options(ExportConfig, args), overwrite=args.overwrite)
+        print(f"SavedModel written to {args.output}/saved_model (signatures "
+              f"{', '.join(info['signatures'])}; maxlen {info['maxlen']}, dim {info['dim']})")
     return 0
 
 

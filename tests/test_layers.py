@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ezsasrec_ray"
-STAGES = {"prepare", "train", "tune", "evaluate", "score", "serve"}
+STAGES = {"prepare", "train", "tune", "evaluate", "score", "serve", "export"}
 ORCHESTRATORS = {"cli", "pipeline", "easy", "demo", "synth"}
 
 
