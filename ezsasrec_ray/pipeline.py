@@ -47,7 +47,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MANAGED = {
     "prepare": ("output", "overwrite", "address"),
     "tune": ("refit",),  # the train stage trains the final model
-    "train": ("data", "output", "overwrite", "address"),
+    "train": ("data", "output", "overwrite", "address", "init_from"),
     "evaluate": ("data", "model"),
     "score": ("model", "data", "output", "overwrite", "address"),
 }
@@ -123,7 +123,8 @@ def section_classes() -> dict[str, type]:
     from .train import TrainConfig
     from .tune import TuneConfig
 
-    return {"prepare": PrepareConfig, "tune": _tune_section(TuneConfig), "train": TrainConfig,
+    return {"prepare": PrepareConfig, "tune": _tune_section(TuneConfig),
+            "train": _train_section(TrainConfig),
             "evaluate": _evaluate_section(EvaluateConfig), "score": ScoreConfig}
 
 
@@ -131,7 +132,19 @@ GATE_KEYS = ("min_ndcg", "min_vs_markov", "min_vs_previous")
 TUNE_KEYS = ("enabled", "drift")  # the tune section's keys that are the pipeline's own
 # training options a tune trial cannot take (each trial is one worker, run by Tune)
 _NOT_IN_TRIALS = ("num_workers", "cpus_per_worker", "run_name", "verbose", "max_failures",
-                  "keep_checkpoints")
+                  "keep_checkpoints", "warm_start")
+
+
+@functools.cache
+def _train_section(base: type) -> type:
+    """The train section: train()'s options plus the night's warm start."""
+
+    @dataclass
+    class TrainSection(base):
+        warm_start: bool = option(False, "start from the last published night's model (items "
+                                         "joined by raw id; a cold start on the first night)")
+
+    return TrainSection
 
 
 @functools.cache
@@ -572,14 +585,22 @@ class Pipeline:
     def train_options(self) -> dict:
         """The train section, over tune/best.json's params when the tune stage is on."""
         c = self.config
+        section = {k: v for k, v in c.train.items() if k != "warm_start"}
+        if c.train.get("warm_start") and self.parent_model():
+            section["init_from"] = self.parent_model()
         if not c.tuned:
-            return dict(c.train)
+            return section
         from .train_loop import read_params
 
         best = os.path.join(c.tune_dir, "best.json")
         self._require(tune_id, c.tune_dir, "tune")
         params = {k: v for k, v in read_params(best).items() if k not in _NOT_IN_TRIALS}
-        return {**params, **c.train}  # keys the train section sets win
+        return {**params, **section}  # keys the train section sets win
+
+    def parent_model(self) -> str | None:
+        """The last published night's model (a warm start's parent), if there is one."""
+        model = (_read_json(self.config.latest_path) or {}).get("model")
+        return model if model and os.path.isdir(model) else None
 
     def plan_train(self) -> StagePlan:
         from .train import TrainConfig
@@ -591,6 +612,9 @@ class Pipeline:
         inputs = {"prepared": self._require(prepared_id, c.prepared_dir, "prepare")}
         if c.tuned:
             inputs["tune"] = tune_id(c.tune_dir)
+        if train_options.get("init_from"):  # the parent by content, not by path
+            inputs["parent"] = model_id(train_options["init_from"])
+            options.pop("init_from")
 
         def run(fingerprint):
             from .train import train

@@ -19,6 +19,8 @@ import uuid
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from . import outputs
 from .dataset import load_prepared, training_sequences
 from .errors import EzSASRecError
@@ -30,6 +32,8 @@ from .train_loop import (  # noqa: F401 - the options and worker loop, re-export
     TRAIN_STATE,
     TrainConfig,
     build_optimizer,
+    check_parent,
+    item_map,
     train_config_fields,
     train_loop_per_worker,
     valid_baselines,
@@ -105,18 +109,22 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     config = TrainConfig(**options)
     prepared = load_prepared(data)
     model_config = config.model_config(prepared.num_items)  # fails before any worker starts
+    if config.init_from:
+        check_parent(config.init_from, model_config)
     outputs.check_output(output, overwrite)  # before any work
     init_ray(address)
     storage = os.path.abspath(config.storage_path or os.path.join(
         os.path.dirname(os.path.abspath(output)), ".ezsasrec_runs"))
     run_name = _run_name(config, model_config, prepared, output, storage)
 
+    inputs_dir = os.path.join(storage, run_name + "-inputs")
+    parent = _parent(config, prepared, inputs_dir)
+    init_from = parent.pop("loop") if parent else None  # for the workers, not metrics.json
     loop_config = {"train": asdict(config), "model": model_config.to_dict(),
                    "threads": config.cpus_per_worker or max(
                        1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers),
-                   "fault": _fault_from_env(),
-                   **write_worker_inputs(prepared, config.holdout,
-                                          os.path.join(storage, run_name + "-inputs"))}
+                   "fault": _fault_from_env(), "init_from": init_from,
+                   **write_worker_inputs(prepared, config.holdout, inputs_dir)}
     score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
     trainer = _trainer(config, loop_config, run_name, storage, score_attribute,
                        _training_dataset(prepared, config.holdout))
@@ -133,7 +141,7 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     with best_checkpoint.as_directory() as directory:
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite,
-                                  baselines=baselines)
+                                  baselines=baselines, parent=parent)
     if config.run_name is None:  # not resumable by name: its checkpoints served their turn
         for path in (os.path.join(storage, run_name), os.path.join(storage, run_name + "-inputs")):
             shutil.rmtree(path, ignore_errors=True)
@@ -180,6 +188,22 @@ def _run_name(config: TrainConfig, model_config, prepared, output: str, storage:
 
 
 
+def _parent(config: TrainConfig, prepared, inputs_dir: str) -> dict | None:
+    """A warm start's parent model: checked (same shape), its item rows mapped by raw id
+    (written for the workers), and what metrics.json records of it."""
+    if not config.init_from:
+        return None
+    from .model_io import model_version
+
+    mapping, counts = item_map(config.init_from, prepared)
+    os.makedirs(inputs_dir, exist_ok=True)
+    path = os.path.join(inputs_dir, "item_map.npy")
+    np.save(path, mapping)
+    return {"model": os.path.abspath(config.init_from),
+            "version": model_version(config.init_from), **counts,
+            "loop": {"model": os.path.abspath(config.init_from), "item_map": path}}
+
+
 def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str,
              score_attribute: str, dataset):
     """The TensorflowTrainer of a run: workers, failures, checkpoints kept by score."""
@@ -212,7 +236,8 @@ def _trainer(config: TrainConfig, loop_config: dict, run_name: str, storage: str
 
 def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainConfig,
                     model_config: SASRecConfig, state: dict, best_metrics: dict,
-                    wall_seconds: float, overwrite: bool, baselines: dict | None = None) -> dict:
+                    wall_seconds: float, overwrite: bool, baselines: dict | None = None,
+                    parent: dict | None = None) -> dict:
     """The model directory of a run (:func:`.model_io.write_model_dir`): the best checkpoint's
     weights, the vocabularies, metrics.json, history.csv and training_curves.png.
     ``baselines``: ``{"popularity": {...}, "markov": {...}}`` validation metrics
@@ -247,6 +272,7 @@ def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainCon
         "valid": {k[6:]: v for k, v in best_metrics.items() if k.startswith("valid_")},
         # the same validation users and targets, baselines fitted on the same items
         "baselines": dict(baselines or {}),
+        "parent": parent,  # the warm start's model, or None
     }
     return save_model_dir(output, model, metadata, overwrite=overwrite, extra=extra)
 

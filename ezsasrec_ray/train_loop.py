@@ -55,8 +55,11 @@ class TrainConfig:
     """Options of ``ezsasrec train``; validated on construction. Model shape fields go to
     :class:`SASRecConfig`."""
 
-    epochs: int = option(20, "passes over the data (fewer with early stopping or a time budget)",
-                         min=1)
+    # a cap, not a length: early stopping (patience in validation rounds) ends a run; a cap of
+    # 20 cut off every default run on the synthetic and ml-latest-small logs while they were
+    # still improving (benchmarks/RESULTS.md, "quality out of the box")
+    epochs: int = option(200, "most passes over the data (early stopping or a time budget "
+                              "usually ends a run first)", min=1)
     batch_size: int = option(128, "sequences per batch and worker; the global batch is "
                                   "batch-size x num-workers", min=1)
     lr: float = option(1e-3, "learning rate; applied: lr x sqrt(num-workers) with --lr-scaling "
@@ -108,6 +111,10 @@ class TrainConfig:
     trim_batches: bool = option(True, "trim each batch to its longest history, bucketed by "
                                       "length (off: fixed maxlen-wide batches, for benchmarks)")
     seed: int = option(0, "random seed")
+    init_from: str | None = option(None, "warm start from this model directory: rows of items "
+                                         "both know are copied by raw id, new items start "
+                                         "fresh, the other weights are copied (same maxlen, "
+                                         "dim, blocks and heads)")
     max_failures: int = option(2, "restarts of failed workers from the latest checkpoint", min=0)
     keep_checkpoints: int = option(2, "best checkpoints kept, by validation NDCG@10", min=1)
     run_name: str | None = option(None, "Ray Train run name; re-running with the same name "
@@ -303,6 +310,9 @@ class _Worker:
         with self.strategy.scope():
             self.model = build_model(self.model_config)
             self.optimizer = build_optimizer(self.model, cfg)
+        if loop_config.get("init_from"):  # a checkpoint, when resuming, overwrites it later
+            warm_start(self.model, loop_config["init_from"]["model"],
+                       np.load(loop_config["init_from"]["item_map"], allow_pickle=False))
         popularity = np.load(loop_config["popularity_path"], allow_pickle=False)
         self.train_step, self.probs = self._step(popularity)
         self.all_sum = self._all_sum()
@@ -577,3 +587,55 @@ def read_params(path: str) -> dict:
     params = data.get("params", data) if isinstance(data, dict) else data
     return check_values(TrainConfig, dict(params) if isinstance(params, dict) else params,
                         source=f"--params {path}: params")
+
+
+# --------------------------------------------------------------------------------------------
+# Warm start
+
+
+def item_map(parent_dir: str, prepared) -> tuple[np.ndarray, dict]:
+    """For each item index of ``prepared`` (0 = padding), the parent model's row of the same
+    raw id, or -1 for an item the parent never saw -> (map (num_items + 1,), counts)."""
+    from .model_io import item_vocab
+
+    parent = item_vocab(parent_dir, None)
+    old = dict(zip(parent["raw_id"].to_pylist(), parent["index"].to_pylist()))
+    items = prepared.items()
+    mapping = np.full(prepared.num_items + 1, -1, np.int64)
+    mapping[0] = 0
+    for raw, index in zip(items["raw_id"].to_pylist(), items["index"].to_pylist()):
+        mapping[index] = old.get(raw, -1)
+    copied = int((mapping[1:] >= 0).sum())
+    return mapping, {"items_copied": copied, "items_new": prepared.num_items - copied,
+                     "items_dropped": len(old) - copied}
+
+
+def check_parent(parent_dir: str, model_config) -> dict:
+    """The parent model's config, or a one-line error naming the shape option that differs."""
+    from .model_io import model_info
+
+    parent = model_info(parent_dir).config
+    for name in ("maxlen", "dim", "blocks", "heads"):
+        if getattr(parent, name) != getattr(model_config, name):
+            raise EzSASRecError(
+                f"--init-from {parent_dir}: its {name} is {getattr(parent, name)}, this run's "
+                f"{getattr(model_config, name)}; warm start needs the same maxlen, dim, blocks "
+                "and heads (or drop --init-from)")
+    return parent.to_dict()
+
+
+def warm_start(model, parent_dir: str, mapping: np.ndarray):
+    """Copy a parent model's weights into ``model``: item rows by ``mapping`` (-1: the row
+    keeps its fresh initial value), every other weight as it is."""
+    from .model import load_model_files
+
+    parent = load_model_files(parent_dir)
+    table = model.item_embeddings()
+    for new, old in zip(model.weights, parent.weights):
+        if new is table:
+            rows = np.flatnonzero(mapping >= 0)
+            values = np.array(new.numpy())
+            values[rows] = old.numpy()[mapping[rows]]
+            new.assign(values)
+        else:
+            new.assign(old.numpy())

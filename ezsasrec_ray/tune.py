@@ -57,7 +57,8 @@ SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Options that say how a run is executed or reported, not what it learns: never searched,
 # and not part of best.json's params.
 NOT_SEARCHED = ("num_workers", "use_gpu", "cpus_per_worker", "verbose", "run_name",
-                "storage_path", "max_failures", "keep_checkpoints", "eval_batch_size")
+                "storage_path", "max_failures", "keep_checkpoints", "eval_batch_size",
+                "init_from")
 
 
 @dataclass
@@ -237,6 +238,9 @@ def _check_base(base: TrainConfig):
     if base.holdout != "valid":
         raise EzSASRecError(f"--holdout {base.holdout}: tune ranks trials on validation "
                             "NDCG@10; use --holdout valid (the refit trains on the rest)")
+    if base.init_from:
+        raise EzSASRecError(f"--init-from {base.init_from}: tune trials start from scratch "
+                            "(compare configurations on equal terms); drop --init-from")
     if base.num_workers != 1:
         raise EzSASRecError(f"--num-workers {base.num_workers}: each tune trial is one worker; "
                             "give trials more CPUs with --cpus-per-trial")

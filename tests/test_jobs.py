@@ -604,7 +604,7 @@ def test_the_tune_stage_searches_once_and_training_starts_from_its_best(ray_sess
     own keys win); the next night with the same data skips the search; grown data past
     tune.drift searches again."""
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"lr": {"grid": [0.01, 0.002]}, "dim": 16, "maxlen": 8,
+    space.write_text(yaml.safe_dump({"lr": {"grid": [0.01]}, "dim": 16, "maxlen": 8,
                                      "blocks": 1, "heads": 1, "dropout": 0.1}))
     log = write_log(tmp_path / "log.csv", users=150)
     config_file = write_config(
@@ -617,14 +617,20 @@ def test_the_tune_stage_searches_once_and_training_starts_from_its_best(ray_sess
     work = tmp_path / "work"
     best = read_json(work / "tune" / "best.json")
     metrics = read_json(work / "model" / "metrics.json")
-    assert metrics["train"]["lr"] == best["params"]["lr"] in (0.01, 0.002)  # from best.json
+    assert metrics["train"]["lr"] == best["params"]["lr"] == 0.01  # from best.json
     assert metrics["train"]["epochs"] == 2 and metrics["train"]["batch_size"] == 32  # section
     records = run_pipeline(load_config(str(config_file)), stages=stages, log=lambda _: None)
     assert [r["status"] for r in records] == ["skipped"] * 3
     write_log(tmp_path / "log.csv", users=300)  # twice the users: past the 25% drift
-    records = run_pipeline(load_config(str(config_file)), stages=stages, log=lambda _: None)
-    assert [r["status"] for r in records] == ["ran", "ran", "ran"]
-    assert records[1]["stamp"]["reason"] == "inputs changed"
+    run_pipeline(load_config(str(config_file)), stages=("prepare",), log=lambda _: None)
+    lines = []
+    plan = run_pipeline(load_config(str(config_file)), stages=("tune",), check=True,
+                        log=lines.append)
+    assert plan[0]["status"] == "would run" and "[pipeline] tune: would run (inputs changed)" \
+        in lines
+    within = run_pipeline(load_config(str(config_file), ["tune.drift=1.5"]), stages=("tune",),
+                          check=True, log=lambda _: None)
+    assert within[0]["status"] == "skipped"  # a change within tune.drift: the search holds
     off = run_pipeline(load_config(str(config_file), ["tune.enabled=false"]), stages=stages,
                        check=True, log=lambda _: None)
     assert [r["stage"] for r in off] == ["prepare", "train"]
@@ -677,3 +683,23 @@ def test_only_the_newest_nights_are_kept_and_never_a_users_directory(tmp_path, c
     left = sorted(os.listdir(config.nights_dir))
     # the user's directory, our newest NIGHTS_KEPT nights and the one latest names
     assert left == sorted({dates[-1], dates[0], *dates[-1 - NIGHTS_KEPT:-1]})
+
+
+def test_warm_start_trains_from_the_last_published_night(config_file):
+    """train.warm_start: the parent is the model latest's night holds (a cold start before
+    the first night), recorded by content in the train stage's inputs."""
+    from ezsasrec_ray.pipeline import Pipeline
+
+    config = load_config(str(config_file), ["train.warm_start=true"])
+    night = Pipeline(config, date="2026-01-02", log=lambda _: None)
+    assert "init_from" not in night.train_options()  # nothing published yet: cold
+    for stage_output in (config.prepared_dir, config.model_dir):
+        os.makedirs(stage_output)
+        Path(stage_output, "part").write_text("x")
+    Pipeline(config, date="2026-01-01", log=lambda _: None)._publish_night(
+        {"output": os.path.join(config.scores_dir, "2026-01-01"), "fingerprint": "f"})
+    options = night.train_options()
+    assert options["init_from"] == os.path.join(config.nights_dir, "2026-01-01", "model")
+    assert "warm_start" not in options
+    cold = Pipeline(load_config(str(config_file)), date="2026-01-02", log=lambda _: None)
+    assert "init_from" not in cold.train_options()

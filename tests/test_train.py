@@ -450,3 +450,51 @@ def test_overwrite_twice_trains_afresh_and_a_named_run_resumes_only_with_its_opt
     resumed = train(prepared, str(tmp_path / "c"), epochs=3, **named)  # more epochs: fine
     assert resumed["epochs_run"] == 3
     assert _latest_state(str(tmp_path / "runs"), "nightly")["resumed_from_epoch"] == 2
+
+
+def test_warm_start_copies_known_items_by_raw_id_and_every_other_weight(prepared, trained,
+                                                                        tmp_path):
+    """A night with other items: rows of items both know come from the parent (joined by raw
+    id, not index), new items keep fresh rows, the rest of the weights are the parent's."""
+    from ezsasrec_ray.model import build_model
+    from ezsasrec_ray.train_loop import item_map, warm_start
+
+    parent_dir, _ = trained
+    other = load_prepared(synth_prepared(tmp_path, users=400, items=70, events=9000, seed=9,
+                                         themes=4))
+    parent = load_model(parent_dir)
+    mapping, counts = item_map(parent_dir, other)
+    old = dict(zip(*[load_prepared(prepared).items()[c].to_pylist()
+                     for c in ("raw_id", "index")]))
+    new = other.items()
+    for raw, index in zip(new["raw_id"].to_pylist(), new["index"].to_pylist()):
+        assert mapping[index] == old.get(raw, -1)
+    assert counts["items_new"] == (mapping[1:] < 0).sum() > 0
+    assert counts["items_copied"] + counts["items_dropped"] == len(old)
+    keras.utils.set_random_seed(0)
+    model = build_model(TrainConfig(**{k: v for k, v in TINY.items() if k in (
+        "dim", "maxlen", "blocks", "heads", "dropout")}).model_config(other.num_items))
+    fresh = model.item_embeddings().numpy().copy()
+    warm_start(model, parent_dir, mapping)
+    table, parent_table = model.item_embeddings().numpy(), parent.item_embeddings().numpy()
+    known = np.flatnonzero(mapping >= 0)
+    np.testing.assert_array_equal(table[known], parent_table[mapping[known]])
+    np.testing.assert_array_equal(table[mapping < 0], fresh[mapping < 0])
+    for new_weight, old_weight in zip(model.weights[1:], parent.weights[1:]):
+        np.testing.assert_array_equal(new_weight.numpy(), old_weight.numpy())
+
+
+def test_warm_started_run_records_its_parent_and_refuses_another_shape(prepared, trained,
+                                                                       tmp_path):
+    parent_dir, _ = trained
+    options = {**TINY, "storage_path": str(tmp_path / "runs")}
+    with pytest.raises(EzSASRecError, match="--init-from .*its dim is 16, this run's 32"):
+        train(prepared, str(tmp_path / "bad"), init_from=parent_dir, **{**options, "dim": 32})
+    assert not (tmp_path / "bad").exists()
+    metrics = train(prepared, str(tmp_path / "warm"), epochs=1, init_from=parent_dir, **options)
+    assert metrics["parent"]["model"] == os.path.abspath(parent_dir)
+    assert metrics["parent"]["items_new"] == 0 and metrics["parent"]["items_dropped"] == 0
+    # one epoch from the parent is ahead of the parent's own first epoch from scratch (same
+    # data and options)
+    cold = pd.read_csv(os.path.join(parent_dir, "history.csv"))
+    assert metrics["valid"]["NDCG@10"] > cold["valid_NDCG@10"].iloc[0]

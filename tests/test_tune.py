@@ -32,7 +32,7 @@ def searched(prepared, tmp_path_factory):
     space = root / "space.yaml"
     space.write_text(json.dumps({**FIXED, "lr": {"grid": [1e-2, 1e-7]}}))
     best = tune(prepared, str(root / "out"), train_options={**BASE,
-                "storage_path": str(root / "runs")}, num_samples=2, max_concurrent=1,
+                "storage_path": str(root / "runs")}, num_samples=1, max_concurrent=1,
                 space=str(space), grace_rounds=1, reduction_factor=2, log=lambda *a: None)
     return root, best
 
@@ -71,14 +71,14 @@ def test_tune_writes_trials_and_best_and_asha_stops_the_useless_trials(searched)
         assert (out / name).exists(), name
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
     useless = [r for r in rows if float(r["lr"]) == 1e-7]
     good = [r for r in rows if float(r["lr"]) == 1e-2]
-    # the first good trial sets the rung; useless ones trail it there and are stopped early
+    # the good trial sets the rung; the useless one trails it there and is stopped early
     assert {r["stopped_by"] for r in useless} == {"scheduler"}
     assert all(int(r["epochs"]) < BASE["epochs"] for r in useless)
-    assert any(r["stopped_by"] == "epochs" for r in good)
-    assert best["stopped_by_scheduler"] >= 2 and best["params"]["lr"] == 1e-2
+    assert [r["stopped_by"] for r in good] == ["epochs"]
+    assert best["stopped_by_scheduler"] == 1 and best["params"]["lr"] == 1e-2
     assert best["valid"]["NDCG@10"] == max(float(r["valid_NDCG@10"]) for r in rows)
     assert json.loads((out / "best.json").read_text()) == best
     assert not (root / "runs" / "tune-out").exists()  # published: the experiment is removed
