@@ -16,7 +16,9 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="cap on the epochs (default: the library's; early stopping ends "
+                             "the run)")
     args = parser.parse_args(argv)
 
     from .evaluate import evaluate, format_table
@@ -35,9 +37,11 @@ def main(argv=None) -> int:
     print("== 2. prepare (5-core, leave-one-out)")
     prepare(log_dir, prepared_dir, k_core=5, overwrite=True)
     model_dir = os.path.join(args.workdir, "model")
-    print(f"== 3. train SASRec on Ray Train ({args.epochs} epochs max, early stopping)")
-    train(prepared_dir, model_dir, epochs=args.epochs, lr=4e-3, dim=64, dropout=0.1,
-          patience=4, storage_path=os.path.join(args.workdir, "runs"), overwrite=True)
+    print("== 3. train SASRec on Ray Train (the default options: it stops by itself once "
+          "validation NDCG@10 stops improving)")
+    cap = {} if args.epochs is None else {"epochs": args.epochs}
+    train(prepared_dir, model_dir, storage_path=os.path.join(args.workdir, "runs"),
+          overwrite=True, **cap)
     print("== 4. evaluate on the test target: full catalog, history excluded")
     result = evaluate(prepared_dir, model_dir, split="test")
     print(format_table(result))

@@ -133,7 +133,7 @@ def test_loss_choices_are_the_registered_losses():
 
 def test_train_help_shows_defaults_and_help(capsys):
     entries = help_entries(help_text("train", capsys))
-    for flag, default in {"--epochs": "20", "--lr": "0.001", "--batch-size": "128",
+    for flag, default in {"--epochs": "200", "--lr": "0.001", "--batch-size": "128",
                           "--dim": "64", "--dropout": "0.2", "--patience": "3",
                           "--maxlen": "50"}.items():
         assert f"(default: {default})" in entries[flag], (flag, entries[flag])
