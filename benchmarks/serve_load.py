@@ -131,6 +131,9 @@ def main():
     from ezsasrec_ray.dataset import load_prepared
     from ezsasrec_ray.serve import Recommender, ServeConfig, build_app
 
+    # first: preparing the data through Ray Data would start a Ray of its own, and a second
+    # ray.init then fails ("Maybe you called ray.init twice by accident?")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     data_path = prepared_dataset(args.workdir)
     data = load_prepared(data_path)
     model_path = write_model(os.path.join(args.workdir, "model"), data)
@@ -142,7 +145,6 @@ def main():
     users = data.users()["raw_id"].to_pylist()
     bodies = [{"user_id": users[i], "k": 10} for i in rng.integers(0, len(users), 5000)]
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

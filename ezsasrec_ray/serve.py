@@ -30,7 +30,14 @@ from .batching import left_pad
 from .dataset import load_prepared
 from .encoder import user_vectors, warm_up
 from .errors import EzSASRecError
-from .model_io import check_vocab, item_vocab, load_model, model_version, resolve_night
+from .model_io import (
+    NIGHT_FILE,
+    check_vocab,
+    item_vocab,
+    load_model,
+    model_version,
+    resolve_night,
+)
 from .options import check_instance, option
 from .runtime import init_ray, set_threads
 from .topk import TopK, exact_scores
@@ -66,11 +73,16 @@ class ServeConfig:
     threads: int | None = option(None, "TensorFlow threads per replica (default: TF's)")
     precompute_user_vectors: bool = option(True, "encode every known user at start-up (4 x dim "
                                                  "bytes each)")
+    follow_s: float | None = option(None, "with --model naming a pipeline night: look for a "
+                                          "newer night every this many seconds and swap to it "
+                                          "without failing a request (default: stay on the "
+                                          "night found at start)", min=0.1)
 
     def __post_init__(self):
         check_instance(self, prefix="serve: ")
-        if not os.path.isdir(self.model):
-            raise EzSASRecError(f"serve: model {self.model}: directory not found")
+        if not os.path.exists(self.model):  # a directory, or a night's scores/latest pointer
+            raise EzSASRecError(f"serve: model {self.model}: directory not found (a model "
+                                "directory, a pipeline workdir or its scores/latest)")
         if self.data is not None and not os.path.isdir(self.data):
             raise EzSASRecError(f"serve: data {self.data}: directory not found")
 
@@ -179,6 +191,7 @@ class Recommender:
         # item table of counts scored by the user vector [1] (exact below 2**24 events an item)
         self.popular = TopK(np.concatenate([[0.0], counts])[:, None].astype(np.float32))
         self.model_version = config.model_version or model_version(config.model)
+        self.night = night_of(config.model)
         self._warm_up()
         if self.histories is not None and config.precompute_user_vectors:
             self.user_vecs = self._encode_all_users()
@@ -335,6 +348,7 @@ class Recommender:
                 "format_version": meta.get("format_version"),
                 "trained_at": meta.get("trained_at"), "best_epoch": meta.get("best_epoch"),
                 "valid": meta.get("valid"), "test": meta.get("test"),
+                "night": self.night,  # the pipeline night it came from, if any
                 "user_data": self.users is not None, "num_items": len(self.items),
                 "num_users": len(self.users) if self.users is not None else None}
 
@@ -602,13 +616,38 @@ if serve is not None:
             app.state.max_body_bytes = self.config.max_body_bytes
             app.state.docs_open = self.config.docs_open
             logging.getLogger("ray.serve").info("ezsasrec: %s", auth_line(auth))
-            self.recommender = Recommender(self.config)
+            self.recommender = Recommender(self._night_config())
+            if self.config.follow_s is not None:
+                threading.Thread(target=self._follow, daemon=True).start()
             self._batch_recommend.set_max_batch_size(self.config.max_batch_size)
             self._batch_recommend.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
             self._batch_score.set_max_batch_size(self.config.max_batch_size)
             self._batch_score.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
             self._lock = threading.Lock()  # one batch at a time through the model
             self.batches = {"calls": 0, "requests": 0, "seconds": 0.0}  # for /readyz
+
+        def _night_config(self) -> ServeConfig:
+            """The config with the night's model and data in place (as it stands now)."""
+            model, data = resolve_night(self.config.model, self.config.data)
+            return replace(self.config, model=model, data=data)
+
+        def _follow(self):
+            """Swap to a newer night when the pointer moves: the new night loads beside the
+            old one, then one assignment switches; batches already running finish on the old
+            one, so no request fails."""
+            log = logging.getLogger("ray.serve")
+            while True:
+                time.sleep(self.config.follow_s)
+                try:
+                    config = self._night_config()
+                    if config.model != self.recommender.config.model:
+                        fresh = Recommender(config)
+                        with self._lock:
+                            self.recommender = fresh
+                        log.info("ezsasrec: now serving night %s", fresh.night)
+                except Exception as exc:  # noqa: BLE001 - keep serving the night we have
+                    log.warning("ezsasrec: staying on night %s: %s", self.recommender.night,
+                                exc)
 
         def _run(self, method, queries):
             with self._lock:
@@ -670,6 +709,12 @@ if serve is not None:
             return self.recommender.version()
 
 
+def night_of(model_dir: str) -> str | None:
+    """The date of the pipeline night a model directory belongs to (nights/<date>/model)."""
+    night = os.path.dirname(os.path.abspath(model_dir))
+    return os.path.basename(night) if os.path.isfile(os.path.join(night, NIGHT_FILE)) else None
+
+
 def deployment_options(*, replicas: int | None = None, autoscale: str | None = None,
                        num_cpus: float = 1, num_gpus: float = 0,
                        max_ongoing_requests: int = 64, target_ongoing_requests: float = 16
@@ -716,9 +761,13 @@ def build_app(args: dict):
                             f"{', '.join(sorted(known | set(option_keys)))})")
     config = ServeConfig(**args)  # validated here, before any replica starts
     # a pipeline night (workdir, scores/latest): pinned now, so every replica, restarted or
-    # added later, reads that night's model and data together
+    # added later, reads that night's model and data together; or followed (follow_s)
     model, data = resolve_night(config.model, config.data)
-    config = replace(config, model=model, data=data)
+    if config.follow_s is None:
+        config = replace(config, model=model, data=data)
+    elif model == config.model:
+        raise EzSASRecError(f"serve: follow_s: model {config.model} is a model directory; "
+                            "follow a pipeline night (its workdir or scores/latest)")
     # The key is decided here (api_key, else $EZSASREC_API_KEY of this process) and only its
     # hash travels, in the deployment's arguments: every replica gets it, however started
     auth = _auth_args(config.api_key)

@@ -545,3 +545,60 @@ def test_key_only_on_the_replicas_refuses_to_start(server, prepared, models):
         serve.run(app, name="replica-key", route_prefix="/replica-key")
     assert _REPLICA_ENV_KEY in deployment_message("replica-key")  # what run_server prints
     serve.delete("replica-key")
+
+
+def test_a_server_following_the_pipeline_swaps_to_a_new_night_without_errors(
+        prepared, models, server, tmp_path):
+    """--model <workdir> --follow-s: a client loop keeps getting answers while the pipeline
+    publishes the next night, and /version names the night that answered."""
+    from ray import serve
+
+    from ezsasrec_ray.pipeline import Pipeline, load_config
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work")}))
+    config = load_config(str(config_file))
+
+    def publish(date, model):
+        for target, source in ((config.prepared_dir, prepared.path), (config.model_dir, model)):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        Pipeline(config, date=date, log=lambda _: None)._publish_night(
+            {"output": os.path.join(config.scores_dir, date), "fingerprint": date})
+
+    publish("2026-01-01", models[0])
+    with pytest.raises(EzSASRecError, match="follow a pipeline night"):
+        build_app({"model": models[0], "follow_s": 0.2})
+    serve.run(build_app({"model": config.workdir, "follow_s": 0.2, "num_cpus": 0}),
+              name="follower", route_prefix="/follower")
+    url = server + "/follower"
+    user = sorted(raw_histories(prepared))[0]
+    assert requests.get(url + "/version", timeout=10).json()["night"] == "2026-01-01"
+    nights, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answer = post(url + "/recommend", {"user_id": user, "k": 3})
+                night = requests.get(url + "/version", timeout=10).json()["night"]
+                if answer.status_code != 200:
+                    errors.append(answer.status_code)
+                nights.append(night)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        publish("2026-01-02", models[1])
+        deadline = time.time() + 60
+        while time.time() < deadline and (not nights or nights[-1] != "2026-01-02"):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+        serve.delete("follower")
+    assert not errors, errors[:5]
+    assert nights[0] == "2026-01-01" and nights[-1] == "2026-01-02"
