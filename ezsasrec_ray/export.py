@@ -38,7 +38,7 @@ class ExportConfig:
     output: str = option(MISSING, "directory to write")
     format: str = option("saved_model", "export format", choices=FORMATS)
     data: str | None = option(None, "prepared dataset, only for a model directory without its "
-                                    "items/ vocabulary")
+                                    "items/ vocabulary (default: none)")
 
     def __post_init__(self):
         check_instance(self)

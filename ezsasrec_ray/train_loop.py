@@ -114,7 +114,7 @@ class TrainConfig:
     init_from: str | None = option(None, "warm start from this model directory: rows of items "
                                          "both know are copied by raw id, new items start "
                                          "fresh, the other weights are copied (same maxlen, "
-                                         "dim, blocks and heads)")
+                                         "dim, blocks and heads; default: none, a cold start)")
     max_failures: int = option(2, "restarts of failed workers from the latest checkpoint", min=0)
     keep_checkpoints: int = option(2, "best checkpoints kept, by validation NDCG@10", min=1)
     run_name: str | None = option(None, "Ray Train run name; re-running with the same name "

@@ -74,7 +74,7 @@ class TuneConfig:
                                                  "(running trials stop; default: no limit)")
     space: str | None = option(None, "YAML file whose entries replace the default search "
                                      "space's, e.g. 'lr: {loguniform: [0.0005, 0.003]}' or "
-                                     "'dim: 64' (fixed)")
+                                     "'dim: 64' (fixed); default: none, the default space")
     grace_rounds: int = option(2, "validation rounds every trial runs before ASHA may stop it",
                                min=1)
     reduction_factor: int = option(2, "ASHA: keep the best 1/this of the trials at each rung",

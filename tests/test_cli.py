@@ -17,6 +17,7 @@ import yaml
 from ezsasrec_ray import cli
 from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.evaluate import EvaluateConfig
+from ezsasrec_ray.export import ExportConfig
 from ezsasrec_ray.options import check_values, defaults, from_namespace
 from ezsasrec_ray.pipeline import GATE_KEYS, Pipeline, section_classes, section_keys
 from ezsasrec_ray.prepare import PrepareConfig
@@ -24,6 +25,7 @@ from ezsasrec_ray.score import ScoreConfig
 from ezsasrec_ray.serve import ServeConfig
 from ezsasrec_ray.synth import SynthConfig
 from ezsasrec_ray.train import LOSS_NAMES, TrainConfig
+from ezsasrec_ray.tune import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,8 @@ MINIMAL = {
     "evaluate": (EvaluateConfig, ["--data", "d", "--model", "m"], ()),
     "score": (ScoreConfig, ["--data", "d", "--model", "m", "--output", "o"], ()),
     "serve": (ServeConfig, ["--model", "m"], ("api_key", "batch_wait_timeout_s")),
+    "tune": (TuneConfig, ["--data", "d", "--output", "o"], ()),
+    "export": (ExportConfig, ["--model", "m", "--output", "o"], ()),
 }
 REQUIRED = {"--data", "--model", "--output", "--input", "-h"}
 
@@ -104,7 +108,8 @@ def test_pipeline_accepts_the_same_defaults(stage):
     command = {"prepare": "prepare", "train": "train", "evaluate": "evaluate",
                "score": "score"}[stage]
     args = parse(command, *MINIMAL[command][1])
-    cli_keys = [k for k in expected if k not in GATE_KEYS]  # the gate is the pipeline's own
+    # the gate and the warm start are the pipeline's own keys
+    cli_keys = [k for k in expected if k not in (*GATE_KEYS, "warm_start")]
     assert {k: getattr(args, k) for k in cli_keys} == {k: expected[k] for k in cli_keys}
 
 
@@ -222,7 +227,12 @@ def test_bad_flags_fail_in_the_parser(argv, message, capsys):
 
 STAGE_FUNCTIONS = {"synth": ("synth", "synth"), "prepare": ("prepare", "prepare"),
                    "train": ("train", "train"), "evaluate": ("evaluate", "evaluate"),
-                   "score": ("score", "recommend"), "serve": ("serve", "run_server")}
+                   "score": ("score", "recommend"), "serve": ("serve", "run_server"),
+                   "tune": ("tune", "tune"), "export": ("export", "export")}
+# what the faked stage functions return: enough for every command's closing line
+FAKE_RESULT = {"valid": {"NDCG@10": 0.0, "HR@10": 0.0}, "best_epoch": 1, "trials": 1,
+               "stopped_by_scheduler": 0, "tune_seconds": 0.0, "searched": {},
+               "signatures": {}, "maxlen": 1, "dim": 1}
 
 
 @pytest.mark.parametrize("command", sorted(MINIMAL))
@@ -243,12 +253,13 @@ def test_run_passes_every_option_to_the_stage(command, monkeypatch, tmp_path, ca
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 options.update(bound.get(k, {}))
         calls.append(options)
-        return {"valid": {}, "best_epoch": 1}
+        return dict(FAKE_RESULT)
 
     monkeypatch.setattr(module, name, fake)
-    extra = ["--json"] if command == "evaluate" else []
+    # tune: --no-refit, else the real train would run after the faked search
+    extra = {"evaluate": ["--json"], "tune": ["--no-refit"]}.get(command, [])
     assert cli.run(parse(command, *argv, *extra)) == 0
-    expected = defaults(cls)
+    expected = {**defaults(cls), **({"refit": False} if command == "tune" else {})}
     given = {k: v for k, v in calls[0].items() if k in expected}
     assert given == expected
     if command in ("prepare", "serve"):
