@@ -586,8 +586,9 @@ class Pipeline:
         """The train section, over tune/best.json's params when the tune stage is on."""
         c = self.config
         section = {k: v for k, v in c.train.items() if k != "warm_start"}
-        if c.train.get("warm_start") and self.parent_model():
-            section["init_from"] = self.parent_model()
+        parent = self.parent_model() if c.train.get("warm_start") else None
+        if parent:
+            section["init_from"] = parent
         if not c.tuned:
             return section
         from .train_loop import read_params

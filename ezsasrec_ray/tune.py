@@ -213,7 +213,7 @@ def tune(data: str, output: str, *, train_options: dict | None = None,
     record = {"tune": asdict(config), "train": asdict(base), "space": space,
               "vocab": prepared.vocab_fingerprint()}
     resuming = _prepare_experiment(storage, name, record, config.resume, log)
-    inputs = {"train": {k: v for k, v in asdict(base).items()}, "num_items": prepared.num_items,
+    inputs = {"train": asdict(base), "num_items": prepared.num_items,
               "threads": threads, "sequences_path": os.path.join(inputs_dir, "sequences.npz"),
               **write_worker_inputs(prepared, base.holdout, inputs_dir)}
     inputs["train"]["cpus_per_worker"] = threads

@@ -82,6 +82,37 @@ def post(url, body, **kwargs):
     return requests.post(url, json=body, timeout=30, **kwargs)
 
 
+def under_a_client_loop(ask, change, done, timeout: float = 60.0):
+    """Run ``change()`` while a client calls ``ask() -> (status, value)`` in a loop, until
+    ``done(values)`` or the timeout -> (values of the 200 answers, errors)."""
+    values, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                status, value = ask()
+                if status != 200:
+                    errors.append(status)
+                else:
+                    values.append(value)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        change()
+        deadline = time.time() + timeout
+        while time.time() < deadline and (not values or not done(values)):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    return values, errors
+
+
 def raw_histories(data):
     """{raw user id: [raw item ids]} in time order."""
     table = data.sequences()
@@ -441,33 +472,17 @@ def test_redeploy_new_model_without_errors(server, prepared, models):
 
     user = sorted(raw_histories(prepared))[0]
     before = post(server + "/recommend", {"user_id": user, "k": 3}).json()["model_version"]
-    seen, errors, stop = [], [], threading.Event()
 
-    def client():
-        while not stop.is_set():
-            try:
-                response = post(server + "/recommend", {"user_id": user, "k": 3})
-                if response.status_code != 200:
-                    errors.append(response.status_code)
-                else:
-                    seen.append(response.json()["model_version"])
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
+    def ask():
+        response = post(server + "/recommend", {"user_id": user, "k": 3})
+        return response.status_code, response.json().get("model_version")
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    try:
-        time.sleep(0.5)
+    def redeploy():
         serve.run(build_app({"model": models[1], "data": prepared.path, "num_cpus": 0,
                              "max_k": 20, "max_history": 30, "max_item_ids": 50}),
                   name="ezsasrec", route_prefix="/")
-        deadline = time.time() + 60
-        while time.time() < deadline and (not seen or seen[-1] == before):
-            time.sleep(0.2)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join()
+
+    seen, errors = under_a_client_loop(ask, redeploy, lambda seen: seen[-1] != before)
     assert not errors, errors[:5]
     assert seen[0] == before and seen[-1] != before
     assert requests.get(server + "/version", timeout=10).json()["model_name"] == "m1"
@@ -574,31 +589,15 @@ def test_a_server_following_the_pipeline_swaps_to_a_new_night_without_errors(
     url = server + "/follower"
     user = sorted(raw_histories(prepared))[0]
     assert requests.get(url + "/version", timeout=10).json()["night"] == "2026-01-01"
-    nights, errors, stop = [], [], threading.Event()
 
-    def client():
-        while not stop.is_set():
-            try:
-                answer = post(url + "/recommend", {"user_id": user, "k": 3})
-                night = requests.get(url + "/version", timeout=10).json()["night"]
-                if answer.status_code != 200:
-                    errors.append(answer.status_code)
-                nights.append(night)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
+    def ask():
+        answer = post(url + "/recommend", {"user_id": user, "k": 3})
+        return answer.status_code, requests.get(url + "/version", timeout=10).json()["night"]
 
-    thread = threading.Thread(target=client)
-    thread.start()
     try:
-        time.sleep(0.5)
-        publish("2026-01-02", models[1])
-        deadline = time.time() + 60
-        while time.time() < deadline and (not nights or nights[-1] != "2026-01-02"):
-            time.sleep(0.2)
-        time.sleep(0.5)
+        nights, errors = under_a_client_loop(ask, lambda: publish("2026-01-02", models[1]),
+                                             lambda nights: nights[-1] == "2026-01-02")
     finally:
-        stop.set()
-        thread.join()
         serve.delete("follower")
     assert not errors, errors[:5]
     assert nights[0] == "2026-01-01" and nights[-1] == "2026-01-02"
