@@ -44,6 +44,7 @@ from .model_io import WEIGHTS_FILE, check_vocab, load_model, model_info
 from .options import check_instance, option
 from .runtime import SCORER_ENV, init_ray, keyed_stats_actor, set_threads
 from .topk import DEFAULT_CHUNK_SIZE, TopK, exact_scores
+from .topk_device import DeviceTopK
 from .vocab import lookup_ids, raw_ids_by_index, resolve_items, resolve_users
 
 FORMAT_VERSION = 1
@@ -207,7 +208,7 @@ class BatchScorer:
                  split_kind: str = "loo", include_seen: bool = False, users_ref=None,
                  exclude_items=None, candidates=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  threads: int | None = None, list_encoding: str | None = None,
-                 stats=None):
+                 stats=None, device_scan: bool = False):
         import ray
 
 
@@ -223,8 +224,9 @@ class BatchScorer:
 
         exclude_items, candidates = get(exclude_items), get(candidates)
         self.users = get(users_ref)  # sorted user indices or None
-        self.topk = TopK(table, exclude_items=exclude_items, candidates=candidates,
-                         chunk_size=chunk_size)
+        index = DeviceTopK if device_scan else TopK
+        self.topk = index(table, exclude_items=exclude_items, candidates=candidates,
+                          chunk_size=chunk_size)
         self.topk.warm_up()
         self.item_ids = raw_ids_by_index(load_prepared(data_path).items())
         self.top_n, self.holdout, self.split_kind = int(top_n), holdout, split_kind
@@ -454,12 +456,20 @@ class ScoreConfig:
                                                  "scan", min=1)
     actors: int = option(1, "scoring actors (a Ray Data actor pool)", min=1)
     gpus_per_actor: float = option(0, "GPUs per scoring actor", min=0)
+    scan: str = option("auto", "where the catalog is scanned: numpy (host CPU), tensorflow "
+                               "(TensorFlow's device: the actor's GPU, else its CPU; then "
+                               "re-scored exactly on the host, same output), auto (tensorflow "
+                               "when --gpus-per-actor > 0)", choices=("auto", "numpy", "tensorflow"))
     cpus_per_actor: float = option(1, "CPUs per scoring actor", min=0)
     threads_per_actor: int | None = option(None, "scorer threads per actor (default: the "
                                                  "cluster's CPUs / actors)", min=1)
     format: str = option("parquet", "output format (csv: the lists as JSON strings)",
                          choices=FORMATS)
     verbose: bool = option(True, "print the summary")
+
+    def device_scan(self) -> bool:
+        """Whether actors scan the catalog with TensorFlow (:class:`.topk_device.DeviceTopK`)."""
+        return self.scan == "tensorflow" or (self.scan == "auto" and self.gpus_per_actor > 0)
 
     def __post_init__(self):
         check_instance(self)
@@ -477,7 +487,8 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
               chunk_size: int = DEFAULT_CHUNK_SIZE, actors: int = 1,
               gpus_per_actor: float = 0, cpus_per_actor: float = 1,
               threads_per_actor: int | None = None, format: str = "parquet",
-              overwrite: bool = False, address: str | None = None, verbose: bool = True):
+              overwrite: bool = False, address: str | None = None, verbose: bool = True,
+              scan: str = "auto"):
     """Top-``top_n`` items for every user (or ``users``) of a prepared dataset.
 
     Args:
@@ -496,7 +507,8 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
                          exclude_items=exclude_items, candidates=candidates,
                          batch_size=batch_size, chunk_size=chunk_size, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                         threads_per_actor=threads_per_actor, format=format, verbose=verbose)
+                         threads_per_actor=threads_per_actor, format=format, verbose=verbose,
+                         scan=scan)
     if output is not None:
         output = os.fspath(output).removeprefix("file://")
         outputs.check_output(output, overwrite)  # before any work
@@ -566,7 +578,7 @@ def _scoring_run(model, data, config: ScoreConfig, request: _Request, *, with_st
         "include_seen": config.include_seen,
         "users_ref": None if request.users is None else ray.put(request.users),
         "exclude_items": request.exclude, "candidates": request.candidates,
-        "chunk_size": config.chunk_size, "threads": threads,
+        "chunk_size": config.chunk_size, "threads": threads, "device_scan": config.device_scan(),
         "list_encoding": "json" if config.format == "csv" else None, "stats": stats,
     }
     with warnings.catch_warnings():
@@ -677,6 +689,7 @@ def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, 
                "candidates": reports.get("candidates", {}).get("source"),
                "batch_size": config.batch_size, "chunk_size": config.chunk_size,
                "actors": config.actors, "gpus_per_actor": config.gpus_per_actor,
+               "scan": "tensorflow" if config.device_scan() else "numpy",
                "cpus_per_actor": config.cpus_per_actor, "threads_per_actor": threads,
                "format": config.format}
     return {

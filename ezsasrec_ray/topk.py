@@ -431,8 +431,14 @@ class TopK:
         """(B, d), k >= 1, (B, H) or None -> (B, min(k, n)) keys of the exact top k, sorted."""
         bound = _score_bound(users, self._max_norm)
         keep = min(k + _EXTRA, self.items.size)
-        fast = _sorted_desc(self._stream(users, keep, histories, 0.0, False))
-        return self._exact_top(users, fast, k, bound, histories)
+        return self._exact_top(users, self._fast_keys(users, keep, histories), k, bound,
+                               histories)
+
+    def _fast_keys(self, users, keep, histories):
+        """(B, d), keep, (B, H) or None -> (B, keep) keys of the best `keep` fast scores per row
+        (EMPTY_KEY where fewer), sorted descending: any float32 dot products whose error
+        :func:`_score_bound` bounds will do (a device backend overrides this)."""
+        return _sorted_desc(self._stream(users, keep, histories, 0.0, False))
 
     def _exact_top(self, users, fast, k, bound, histories):
         """Exact top k from the fast pass.

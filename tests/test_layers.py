@@ -42,8 +42,8 @@ def imported_modules(name: str) -> set[str]:
 def test_layers_are_known():
     core = set(modules()) - STAGES - ORCHESTRATORS
     assert STAGES <= set(modules()) and ORCHESTRATORS <= set(modules())
-    assert {"dataset", "vocab", "model", "encoder", "topk", "losses", "fit", "outputs",
-            "model_io", "runtime"} <= core
+    assert {"dataset", "vocab", "model", "encoder", "topk", "topk_device", "losses", "fit",
+            "outputs", "model_io", "runtime"} <= core
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

@@ -137,6 +137,17 @@ def test_identical_for_two_actors_and_other_batch_and_chunk_sizes(prepared, mode
     assert_same(read_results(str(out), "jsonl"), read_results(baseline_run[0]))
 
 
+def test_tensorflow_scan_writes_the_numpy_scans_output(prepared, model_dir, baseline_run,
+                                                       tmp_path):
+    # the GPU actor's code path, with TensorFlow on the CPU: the same file, item for item
+    out = tmp_path / "tf"
+    manifest = recommend(model_dir, prepared.path, top_n=TOP_N, output=str(out), batch_size=50,
+                         scan="tensorflow", verbose=False)
+    assert manifest["options"]["scan"] == "tensorflow"
+    assert baseline_run[1]["options"]["scan"] == "numpy"
+    assert_same(read_results(str(out)), read_results(baseline_run[0]))
+
+
 def test_cli_options_users_holdout_exclusions_candidates(prepared, model_dir, tmp_path,
                                                          capsys):
     data = prepared
