@@ -40,11 +40,11 @@ from .batching import left_pad
 from .dataset import SEQUENCE_COLUMNS, PreparedDataset, holdout_examples, load_prepared, sha256_file
 from .encoder import user_vectors, warm_up
 from .errors import EzSASRecError, find_user_error
+from .index import check_available, index_option, make_index, recall_counts
 from .model_io import WEIGHTS_FILE, check_vocab, load_model, model_info
 from .options import check_instance, option
 from .runtime import SCORER_ENV, init_ray, keyed_stats_actor, set_threads
 from .topk import DEFAULT_CHUNK_SIZE, TopK, exact_scores
-from .topk_device import DeviceTopK
 from .vocab import lookup_ids, raw_ids_by_index, resolve_items, resolve_users
 
 FORMAT_VERSION = 1
@@ -208,7 +208,7 @@ class BatchScorer:
                  split_kind: str = "loo", include_seen: bool = False, users_ref=None,
                  exclude_items=None, candidates=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  threads: int | None = None, list_encoding: str | None = None,
-                 stats=None, device_scan: bool = False):
+                 stats=None, index_options: dict | None = None, recall_share: float = 0.0):
         import ray
 
 
@@ -224,9 +224,13 @@ class BatchScorer:
 
         exclude_items, candidates = get(exclude_items), get(candidates)
         self.users = get(users_ref)  # sorted user indices or None
-        index = DeviceTopK if device_scan else TopK
-        self.topk = index(table, exclude_items=exclude_items, candidates=candidates,
-                          chunk_size=chunk_size)
+        self.topk = make_index(table, **(index_options or {}), exclude_items=exclude_items,
+                               candidates=candidates, chunk_size=chunk_size,
+                               threads=1 if self.pool else threads)
+        # recall against exact: a share of each batch's users scored exactly too
+        self.recall_share = recall_share if not self.topk.is_exact() else 0.0
+        self.exact = TopK(table, exclude_items=exclude_items, candidates=candidates,
+                          chunk_size=chunk_size) if self.recall_share else None
         self.topk.warm_up()
         self.item_ids = raw_ids_by_index(load_prepared(data_path).items())
         self.top_n, self.holdout, self.split_kind = int(top_n), holdout, split_kind
@@ -256,7 +260,8 @@ class BatchScorer:
         first = int(pc.min(batch["user_index"]).as_py()) if batch.num_rows else -1
         users, histories = self.histories(batch)
         phases: dict = {}
-        result = self.score(users["user_id"].combine_chunks(), histories, timings=phases)
+        result = self.score(users["user_id"].combine_chunks(), histories, timings=phases,
+                            sample_seed=first)
         if self.stats is not None and first >= 0:
             # Not waited for: on a busy machine the stats actor can take a tenth of a batch to
             # answer, time the scorer's threads would sit idle. recommend() waits for every
@@ -265,7 +270,9 @@ class BatchScorer:
             self.stats.record.remote(first, {
                 "rows": int(result.num_rows), "short": int((lengths < self.top_n).sum()),
                 "seconds": time.perf_counter() - started, **phases,
-                "window": (wall_started, time.time()), "actor": self.actor})
+                "window": (wall_started, time.time()), "actor": self.actor,
+                "index_build_s": getattr(self.topk, "build_seconds", 0.0),
+                "index_bytes": getattr(self.topk, "index_bytes", 0)})
         if self.list_encoding == "json":
             result = pa.table({
                 "user_id": result["user_id"],
@@ -275,10 +282,11 @@ class BatchScorer:
         return result
 
     def score(self, user_ids: pa.Array, histories: pa.ListArray, *,
-              timings: dict | None = None) -> pa.Table:
+              timings: dict | None = None, sample_seed: int = 0) -> pa.Table:
         """user ids (B,), histories (B lists of item indices) -> the output table.
         ``timings`` (a dict), if given, gets the CPU seconds the scorer's threads spent in the
-        encoder and in the catalog (``encoder_cpu_s``, ``catalog_cpu_s``; host CPU only)."""
+        encoder and in the catalog (``encoder_cpu_s``, ``catalog_cpu_s``; host CPU only), and
+        the recall check's counts (``recall_found``, ``recall_total``)."""
         n = len(histories)
         idx = np.zeros((n, self.top_n), np.int32)
         sc = np.zeros((n, self.top_n), np.float32)
@@ -288,10 +296,7 @@ class BatchScorer:
 
         def top(start):
             stop = min(n, start + _SCORE_ROWS)
-            seen = None
-            if not self.include_seen:
-                seen = left_pad(histories.slice(start, stop - start),
-                                max(1, int(lengths[start:stop].max(initial=1))))
+            seen = self._seen(histories.slice(start, stop - start), lengths[start:stop])
             idx[start:stop], sc[start:stop] = self.topk(vecs[start:stop], self.top_n,
                                                         histories=seen)
 
@@ -299,6 +304,8 @@ class BatchScorer:
             pass
         if timings is not None:
             timings.update(encoder_cpu_s=sum(encoder_cpu), catalog_cpu_s=sum(catalog_cpu))
+            if self.exact is not None:
+                timings.update(self._recall(vecs, histories, lengths, idx, sample_seed))
         valid = idx > 0  # padding (fewer allowed items than top_n) is never returned
         offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
         items = self.item_ids.take(pa.array(idx[valid].astype(np.int64) - 1))
@@ -307,6 +314,26 @@ class BatchScorer:
             "item_ids": pa.ListArray.from_arrays(offsets, items),
             "scores": pa.ListArray.from_arrays(offsets, pa.array(sc[valid], pa.float32())),
         })
+
+
+    def _seen(self, histories: pa.ListArray, lengths: np.ndarray):
+        """The items these rows may not get, left-padded (None with include_seen)."""
+        if self.include_seen:
+            return None
+        return left_pad(histories, max(1, int(lengths.max(initial=1))))
+
+    def _recall(self, vecs, histories, lengths, idx, seed: int) -> dict:
+        """A random share of the batch's rows scored exactly too: how many of their exact
+        top-n items the approximate lists hold."""
+        rows = np.flatnonzero(np.random.default_rng(seed).random(len(idx)) < self.recall_share)
+        found = total = 0
+        for start in range(0, rows.size, _SCORE_ROWS):
+            part = rows[start:start + _SCORE_ROWS]
+            seen = self._seen(histories.take(pa.array(part)), lengths[part])
+            exact, _ = self.exact(vecs[part], self.top_n, histories=seen)
+            hits, count = recall_counts(idx[part], exact)
+            found, total = found + hits, total + count
+        return {"recall_found": found, "recall_total": total}
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +396,14 @@ def _row_ranges(counts: list[int], blocks: int, min_rows: int) -> list[tuple[int
         edges = [min(count, min_rows * n) for n in itertools.accumulate(sizes, initial=0)]
         ranges += [(f, a, b) for a, b in zip(edges, edges[1:])]
     return ranges
+
+
+def _recall_share(config: ScoreConfig, data, request) -> float:
+    """The share of users the recall check scores exactly too."""
+    if not config.check_recall or config.index == "exact":
+        return 0.0
+    expected, _ = _expected_users(data, request.users, config.holdout)
+    return min(1.0, config.check_recall / max(expected, 1))
 
 
 def _expected_users(data, users: np.ndarray | None, holdout: str | None) -> tuple[int, int]:
@@ -460,6 +495,12 @@ class ScoreConfig:
                                "(TensorFlow's device: the actor's GPU, else its CPU; then "
                                "re-scored exactly on the host, same output), auto (tensorflow "
                                "when --gpus-per-actor > 0)", choices=("auto", "numpy", "tensorflow"))
+    index: str = index_option("index")
+    ef_search: int = index_option("ef_search")
+    nprobe: int = index_option("nprobe")
+    check_recall: int = option(0, "with an approximate --index: about this many users are also "
+                                  "scored exactly, recall@top-n against exact in the manifest",
+                               min=0)
     cpus_per_actor: float = option(1, "CPUs per scoring actor", min=0)
     threads_per_actor: int | None = option(None, "scorer threads per actor (default: the "
                                                  "cluster's CPUs / actors)", min=1)
@@ -470,6 +511,11 @@ class ScoreConfig:
     def device_scan(self) -> bool:
         """Whether actors scan the catalog with TensorFlow (:class:`.topk_device.DeviceTopK`)."""
         return self.scan == "tensorflow" or (self.scan == "auto" and self.gpus_per_actor > 0)
+
+    def index_options(self) -> dict:
+        """The keyword arguments of :func:`.index.make_index`."""
+        return {"index": self.index, "ef_search": self.ef_search, "nprobe": self.nprobe,
+                "device_scan": self.device_scan()}
 
     def __post_init__(self):
         check_instance(self)
@@ -488,7 +534,8 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
               gpus_per_actor: float = 0, cpus_per_actor: float = 1,
               threads_per_actor: int | None = None, format: str = "parquet",
               overwrite: bool = False, address: str | None = None, verbose: bool = True,
-              scan: str = "auto"):
+              scan: str = "auto", index: str = "exact", ef_search: int = 128, nprobe: int = 32,
+              check_recall: int = 0):
     """Top-``top_n`` items for every user (or ``users``) of a prepared dataset.
 
     Args:
@@ -508,7 +555,9 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
                          batch_size=batch_size, chunk_size=chunk_size, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                          threads_per_actor=threads_per_actor, format=format, verbose=verbose,
-                         scan=scan)
+                         scan=scan, index=index, ef_search=ef_search, nprobe=nprobe,
+                         check_recall=check_recall)
+    check_available(config.index)
     if output is not None:
         output = os.fspath(output).removeprefix("file://")
         outputs.check_output(output, overwrite)  # before any work
@@ -578,7 +627,8 @@ def _scoring_run(model, data, config: ScoreConfig, request: _Request, *, with_st
         "include_seen": config.include_seen,
         "users_ref": None if request.users is None else ray.put(request.users),
         "exclude_items": request.exclude, "candidates": request.candidates,
-        "chunk_size": config.chunk_size, "threads": threads, "device_scan": config.device_scan(),
+        "chunk_size": config.chunk_size, "threads": threads,
+        "index_options": config.index_options(), "recall_share": _recall_share(config, data, request),
         "list_encoding": "json" if config.format == "csv" else None, "stats": stats,
     }
     with warnings.catch_warnings():
@@ -632,6 +682,7 @@ def _write_scores(run, output: str, overwrite: bool, data, config: ScoreConfig,
         }
         manifest = _scores_manifest(output, data, config, request, run.threads, counts,
                                     _timings(batches, written, score_s, started))
+        manifest["index"] = _index_report(batches, config)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, default=str)
         outputs.publish(tmp, output, kind="scores", overwrite=overwrite)
@@ -679,6 +730,21 @@ def _timings(batches: dict, written: int, score_s: float, started: float) -> dic
                                       3)}
 
 
+def _index_report(batches: dict, config: ScoreConfig) -> dict:
+    """The retrieval index: its kind, the slowest actor's build and the largest index (FAISS),
+    and the recall check's result."""
+    records = list(batches.values())
+    report = {"kind": config.index,
+              "build_s": round(max((b.get("index_build_s", 0.0) for b in records), default=0), 3),
+              "bytes": max((b.get("index_bytes", 0) for b in records), default=0)}
+    total = sum(b.get("recall_total", 0) for b in records)
+    if total:
+        found = sum(b.get("recall_found", 0) for b in records)
+        report[f"recall@{config.top_n}"] = round(found / total, 4)
+        report["recall_items_checked"] = total
+    return report
+
+
 def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, threads: int,
                      counts: dict, timings: dict) -> dict:
     reports = request.reports
@@ -690,6 +756,8 @@ def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, 
                "batch_size": config.batch_size, "chunk_size": config.chunk_size,
                "actors": config.actors, "gpus_per_actor": config.gpus_per_actor,
                "scan": "tensorflow" if config.device_scan() else "numpy",
+               "index": config.index, "ef_search": config.ef_search, "nprobe": config.nprobe,
+               "check_recall": config.check_recall,
                "cpus_per_actor": config.cpus_per_actor, "threads_per_actor": threads,
                "format": config.format}
     return {
@@ -739,6 +807,12 @@ def format_summary(manifest: dict) -> str:
         if key in c and c[key]["unknown"]:
             lines.append(f"{label + ' unknown ids ignored':<30}{c[key]['unknown']:>14,} "
                          f"(e.g. {', '.join(c[key]['unknown_examples'][:3])})")
+    index = manifest.get("index", {})
+    if index.get("kind", "exact") != "exact":
+        recall = index.get(f"recall@{manifest['options']['top_n']}")
+        lines.append(f"{'index':<30}{index['kind']:>14}  (built in {index['build_s']:.1f}s, "
+                     f"{index['bytes'] / 2**20:,.0f} MiB" + ("" if recall is None else
+                                                           f", recall {recall:.3f}") + ")")
     lines += [f"time {t['total_s']:.1f}s (scoring {t['score_s']:.1f}s)",
               f"output {manifest['output']} ({manifest['options']['format']} in "
               f"{manifest['results']}/, manifest.json, _SUCCESS)"]

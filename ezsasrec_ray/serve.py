@@ -30,6 +30,7 @@ from .batching import left_pad
 from .dataset import load_prepared
 from .encoder import user_vectors, warm_up
 from .errors import EzSASRecError
+from .index import check_available, index_option, make_index
 from .model_io import (
     NIGHT_FILE,
     check_vocab,
@@ -71,6 +72,9 @@ class ServeConfig:
     model_version: str | None = option(None, "version reported by /version and /readyz "
                                              "(default: model directory name + weights hash)")
     threads: int | None = option(None, "TensorFlow threads per replica (default: TF's)")
+    index: str = index_option("index")
+    ef_search: int = index_option("ef_search")
+    nprobe: int = index_option("nprobe")
     precompute_user_vectors: bool = option(True, "encode every known user at start-up (4 x dim "
                                                  "bytes each)")
     follow_s: float | None = option(None, "with --model naming a pipeline night: look for a "
@@ -80,6 +84,7 @@ class ServeConfig:
 
     def __post_init__(self):
         check_instance(self, prefix="serve: ")
+        check_available(self.index)
         if not os.path.exists(self.model):  # a directory, or a night's scores/latest pointer
             raise EzSASRecError(f"serve: model {self.model}: directory not found (a model "
                                 "directory, a pipeline workdir or its scores/latest)")
@@ -176,7 +181,8 @@ class Recommender:
         self.model = load_model(config.model)
         self.metadata = self.model.metadata
         self.item_table = np.asarray(self.model.item_embeddings().numpy(), np.float32)
-        self.topk = TopK(self.item_table)
+        self.topk = make_index(self.item_table, index=config.index, ef_search=config.ef_search,
+                               nprobe=config.nprobe, threads=config.threads)
         self.users = self.histories = data = None
         if config.data is not None:
             data = load_prepared(config.data)
@@ -338,6 +344,8 @@ class Recommender:
             out["histories"] = self.histories.memory_bytes()
         if self.user_vecs is not None:
             out["user_vectors"] = int(self.user_vecs.nbytes)
+        if hasattr(self.topk, "index_bytes"):
+            out["faiss_index"] = self.topk.index_bytes
         return out
 
     def version(self) -> dict:
@@ -349,6 +357,7 @@ class Recommender:
                 "trained_at": meta.get("trained_at"), "best_epoch": meta.get("best_epoch"),
                 "valid": meta.get("valid"), "test": meta.get("test"),
                 "night": self.night,  # the pipeline night it came from, if any
+                "index": self.config.index,
                 "user_data": self.users is not None, "num_items": len(self.items),
                 "num_users": len(self.users) if self.users is not None else None}
 

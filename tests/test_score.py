@@ -312,3 +312,18 @@ def test_a_corrupt_model_directory_is_one_line(prepared, tmp_path, name, text, m
         with pytest.raises(EzSASRecError, match=message) as info:
             read(model)
         assert "\n" not in str(info.value)
+
+
+def test_faiss_index_with_the_recall_check(prepared, model_dir, baseline_run, tmp_path):
+    pytest.importorskip("faiss")
+    out = tmp_path / "hnsw"
+    manifest = recommend(model_dir, prepared.path, top_n=TOP_N, output=str(out), batch_size=64,
+                         index="faiss-hnsw", check_recall=100, verbose=False)
+    index = manifest["index"]
+    assert index["kind"] == "faiss-hnsw" and index["bytes"] > 0 and index["build_s"] >= 0
+    # 90 items: FAISS is asked for more candidates than the catalog holds, so every list is
+    # the exact one, and the check says so
+    assert index[f"recall@{TOP_N}"] == 1.0
+    assert 0 < index["recall_items_checked"] <= 240 * TOP_N
+    assert_same(read_results(str(out)), read_results(baseline_run[0]))
+    assert baseline_run[1]["index"] == {"kind": "exact", "build_s": 0.0, "bytes": 0}

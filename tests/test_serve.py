@@ -601,3 +601,16 @@ def test_a_server_following_the_pipeline_swaps_to_a_new_night_without_errors(
         serve.delete("follower")
     assert not errors, errors[:5]
     assert nights[0] == "2026-01-01" and nights[-1] == "2026-01-02"
+
+
+def test_recommender_with_a_faiss_index_answers_as_the_exact_one(prepared, models, recommender):
+    pytest.importorskip("faiss")
+    approx = Recommender(ServeConfig(model=models[0], data=prepared.path, index="faiss-ivf",
+                                     precompute_user_vectors=False))
+    assert not approx.topk.is_exact() and approx.version()["index"] == "faiss-ivf"
+    assert approx.memory_bytes()["faiss_index"] > 0
+    users = prepared.users()["raw_id"].to_pylist()[:20]
+    items = prepared.items()["raw_id"].to_pylist()
+    queries = [Query(user_id=u, k=10) for u in users] + [Query(history=items[3:9], k=5)]
+    # a small catalog: FAISS is asked for every item, so the answers are the exact ones
+    assert approx.recommend_many(queries) == recommender.recommend_many(queries)
