@@ -9,6 +9,8 @@ a notebook). Keras 3's ``model.fit`` does not work under MultiWorkerMirroredStra
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .losses import NEGATIVES, negative_shape, sample_negatives
@@ -32,11 +34,19 @@ class Adam:
     under ``strategy.scope()``: gradients are summed across replicas first (the sparse rows are
     all-gathered under MultiWorkerMirroredStrategy), then every replica applies the same update
     to its copy, so the copies stay identical. ``variables`` is the whole state in a fixed
-    order (step, then m and v of each weight), for checkpoints.
+    order (step, then m and v of each weight, then the loss scale and its good-step count when
+    scaling), for checkpoints.
+
+    ``loss_scale`` (for ``mixed_float16``, whose small gradients underflow in float16): dynamic
+    loss scaling as ``keras.optimizers.LossScaleOptimizer``'s. :meth:`scale_loss` multiplies
+    the loss by the scale (initially 2**15); :meth:`apply` divides the summed gradients by it.
+    A step with an inf or NaN gradient changes no weight, moment or step count and halves the
+    scale (not below 1); ``growth_steps`` finite steps in a row double it.
     """
 
     def __init__(self, weights, learning_rate: float, lazy=(), beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-7):
+                 beta_2: float = 0.999, epsilon: float = 1e-7, loss_scale: bool = False,
+                 growth_steps: int = 2000):
         import keras
         import tensorflow as tf
 
@@ -55,10 +65,22 @@ class Adam:
                   for i, w in enumerate(self._targets)]
         self.v = [tf.Variable(tf.zeros(w.shape, tf.float32), trainable=False, name=f"adam_v_{i}")
                   for i, w in enumerate(self._targets)]
+        self.loss_scale, self.good_steps, self.growth_steps = None, None, growth_steps
+        if loss_scale:
+            self.loss_scale = tf.Variable(2.0 ** 15, dtype=tf.float32, trainable=False,
+                                          name="loss_scale")
+            self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                          name="loss_scale_good_steps")
 
     @property
     def variables(self) -> list:
-        return [self.step, *self.m, *self.v]
+        # without loss scaling, the layout of float32 and bfloat16 checkpoints stays as it was
+        scaling = [] if self.loss_scale is None else [self.loss_scale, self.good_steps]
+        return [self.step, *self.m, *self.v, *scaling]
+
+    def scale_loss(self, loss):
+        """The loss to differentiate: times the loss scale when scaling."""
+        return loss if self.loss_scale is None else loss * self.loss_scale
 
     def set_learning_rate(self, value: float):
         """Outside the step (every replica gets the same value)."""
@@ -86,21 +108,51 @@ class Adam:
             rows.append(unique)
             values.append(tf.math.unsorted_segment_sum(gradient.values, index,
                                                        tf.shape(unique)[0]))  # (R, d)
+        finite, scaling = None, None
+        if self.loss_scale is not None:
+            dense, values, finite = self._unscale(dense, values)
+            scaling = self._next_scale(finite)
         t = tf.cast(self.step + 1, tf.float32)  # this update's step count
         powers = (tf.pow(self.beta_1, t), tf.pow(self.beta_2, t))
-        context.merge_call(self._distributed_update, args=(powers, dense, rows, values))
+        context.merge_call(self._distributed_update,
+                           args=(powers, dense, rows, values, finite, scaling))
 
-    def _distributed_update(self, strategy, powers, dense, rows, values):
-        """Cross-replica context: the same update on every replica's copy of each weight."""
-        strategy.extended.update(self.step, lambda step: step.assign_add(1), group=False)
+    def _unscale(self, dense, values):
+        """Summed gradients / the loss scale, and whether all are finite. After the all-reduce:
+        every replica sees the same sums, so all of them skip the same steps."""
+        import tensorflow as tf
+
+        inverse = 1.0 / self.loss_scale
+        dense, values = [g * inverse for g in dense], [g * inverse for g in values]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in dense + values])
+        return dense, values, finite
+
+    def _next_scale(self, finite):
+        """(loss scale, good steps) after this step."""
+        import tensorflow as tf
+
+        good = tf.where(finite, self.good_steps + 1, 0)
+        grow = good >= self.growth_steps
+        scale = tf.where(finite, tf.where(grow, 2.0 * self.loss_scale, self.loss_scale),
+                         tf.maximum(0.5 * self.loss_scale, 1.0))
+        return scale, tf.where(grow, tf.zeros_like(good), good)
+
+    def _distributed_update(self, strategy, powers, dense, rows, values, finite, scaling):
+        """Cross-replica context: the same update on every replica's copy of each weight (on
+        a step with a non-finite gradient, only the loss scale changes)."""
+        update = functools.partial(strategy.extended.update, group=False)
+        update(self.step, _count_step, args=(finite,))
         dense, sparse = iter(dense), iter(zip(rows, values))
         for i, (target, lazy) in enumerate(zip(self._targets, self.lazy)):
             if lazy:
-                strategy.extended.update(target, self._update_rows,
-                                         args=(i, powers, *next(sparse)), group=False)
+                update(target, _if_finite(self._update_rows),
+                       args=(finite, i, powers, *next(sparse)))
             else:
-                strategy.extended.update(target, self._update_dense,
-                                         args=(i, powers, next(dense)), group=False)
+                update(target, _if_finite(self._update_dense),
+                       args=(finite, i, powers, next(dense)))
+        if scaling is not None:
+            for variable, value in zip((self.loss_scale, self.good_steps), scaling):
+                update(variable, lambda variable, value: variable.assign(value), args=(value,))
 
     def _update_dense(self, weight, i, powers, gradient):
         import tensorflow as tf
@@ -124,6 +176,27 @@ class Adam:
         weight.scatter_sub(tf.IndexedSlices(alpha * m / (tf.sqrt(v) + self.epsilon), rows))
 
 
+def _count_step(step, finite):
+    """One more step, or none when loss scaling skips this one (``finite`` False)."""
+    import tensorflow as tf
+
+    return step.assign_add(1 if finite is None else tf.cast(finite, tf.int64))
+
+
+def _if_finite(update):
+    """``update(weight, *args)`` as an update function ``(weight, finite, *args)`` that skips
+    a step with a non-finite gradient (a ``tf.cond``: the decision is a tensor under
+    tf.function); ``finite`` None (no loss scaling): always."""
+    import tensorflow as tf
+
+    def run(weight, finite, *args):
+        if finite is None:
+            return update(weight, *args)
+        return tf.cond(finite, lambda: update(weight, *args), lambda: None)
+
+    return run
+
+
 def _as_row_slices(gradient):
     """A table's gradient as float32 IndexedSlices with int32 row indices (a dense gradient:
     every row)."""
@@ -138,7 +211,8 @@ def _as_row_slices(gradient):
 
 def make_train_step(optimizer: Adam, strategy, compute_loss, xla: bool = False):
     """A tf.function ``(inputs, positives, negatives) -> mean loss`` that runs one step on every
-    replica: ``compute_loss(inputs, positives, negatives) -> scalar``, gradients, update."""
+    replica: ``compute_loss(inputs, positives, negatives) -> scalar``, gradients (of the scaled
+    loss when the optimizer scales it), update."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, None], tf.int32)
@@ -148,7 +222,7 @@ def make_train_step(optimizer: Adam, strategy, compute_loss, xla: bool = False):
         def step(inputs, positives, negatives):
             with tf.GradientTape() as tape:
                 loss = compute_loss(inputs, positives, negatives)
-                scaled = loss / strategy.num_replicas_in_sync
+                scaled = optimizer.scale_loss(loss / strategy.num_replicas_in_sync)
             optimizer.apply(tape.gradient(scaled, optimizer.variables_to_train))
             return loss
 

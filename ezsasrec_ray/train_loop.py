@@ -168,11 +168,13 @@ class TrainConfig:
 
 def build_optimizer(model, cfg: TrainConfig) -> Adam:
     """The optimizer of a run: the item table lazy when ``cfg.resolved_optimizer()`` is
-    ``lazy_adam``."""
+    ``lazy_adam``; dynamic loss scaling with ``mixed_float16`` (float16 gradients underflow
+    without it; bfloat16 has float32's range)."""
     from .fit import Adam
 
     lazy = [model.item_embeddings()] if cfg.resolved_optimizer() == "lazy_adam" else []
-    return Adam(model.trainable_variables, cfg.effective_lr(), lazy=lazy)
+    return Adam(model.trainable_variables, cfg.effective_lr(), lazy=lazy,
+                loss_scale=cfg.precision == "mixed_float16")
 
 
 def _load_worker_shard(shard) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +213,8 @@ def _restore_checkpoint(directory: str, model, optimizer) -> dict:
     if [a.shape for a in arrays] != shapes:
         raise EzSASRecError(f"{path}: optimizer state of {len(arrays)} arrays does not fit this "
                             f"run's optimizer ({len(shapes)} variables); was the checkpoint "
-                            "written with another --optimizer or model shape?")
+                            "written with another --optimizer, --precision or model "
+                            "shape?")
     for variable, value in zip(optimizer.variables, arrays):
         variable.assign(value)
     with open(os.path.join(directory, TRAIN_STATE)) as f:
