@@ -90,7 +90,8 @@ class TrainConfig:
     use_gpu: bool = option(False, "one GPU per worker")
     cpus_per_worker: int | None = option(None, "CPUs per worker (default: the cluster's CPUs / "
                                                "num-workers)")
-    precision: str = option("float32", "float32, or mixed precision on a GPU",
+    precision: str = option("float32", "float32, or mixed precision on a GPU (mixed_float16 "
+                                       "with dynamic loss scaling)",
                             choices=("float32", "mixed_bfloat16", "mixed_float16"))
     xla: bool = option(False, "jit-compile the training step with XLA")
     patience: int = option(3, "validation rounds without a better validation NDCG@10 before "
