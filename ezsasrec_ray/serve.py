@@ -5,7 +5,7 @@ user-id requests, every user's history; it answers batches of queries with the s
 (:mod:`.encoder`) and retrieval index (:mod:`.topk`, per-request exclusions and candidates
 without re-indexing) as nightly scoring, so the endpoint returns exactly what ``ezsasrec
 score`` writes. :class:`RecommenderDeployment` is the Ray Serve deployment (FastAPI ingress,
-``@serve.batch``). Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``,
+requests batched by :class:`Batcher`). Routes: ``POST /recommend``, ``POST /score``, ``GET /healthz``,
 ``/readyz``, ``/version``, ``/docs``; with an API key (decided where the app is built, only its
 hash reaches the replicas) every route but the probes needs it. Bodies over ``max_body_bytes``
 get 413 before they are read; hostile inputs and answers: docs/security.md.
@@ -62,7 +62,11 @@ class ServeConfig:
     max_item_ids: int = option(1000, "most item ids in one request's item_ids, exclude_items or "
                                      "candidates", min=1)
     max_batch_size: int = option(32, "requests batched per call", min=1)
-    batch_wait_timeout_s: float = option(0.005, "how long a batch waits for more requests, in "
+    batch_wait_timeout_s: float = option(0.0, "how long a batch that already has company waits "
+                                              "for more requests, in seconds (0: never; requests "
+                                              "that arrive while the model is busy form the "
+                                              "next batch, and one that finds it idle is "
+                                              "answered at once)"
                                                 "seconds", min=0)
     api_key: str | None = option(None, "API key requests must send (default: $EZSASREC_API_KEY "
                                        "where the app is built; empty: none)")
@@ -168,6 +172,54 @@ class _Resolved:
     ignored: dict = field(default_factory=dict)
     unknown_user: bool = False
     user: int = 0  # user index of a user-id query (0: a history query)
+
+
+class Batcher:
+    """Requests answered together, without a timer: a request that finds the model idle is
+    answered at once; those arriving while it is busy are answered in the next call, up to
+    ``max_batch_size`` at a time. So an idle replica adds no wait, and a busy one batches as
+    much as its load brings (``@serve.batch`` waits its timeout even when idle).
+
+    ``run(queries) -> answers`` runs on a worker thread, one call at a time; ``wait_s`` > 0:
+    a batch of more than one request waits that long for more first."""
+
+    def __init__(self, run, max_batch_size: int, wait_s: float = 0.0):
+        self.run, self.max_batch_size, self.wait_s = run, int(max_batch_size), float(wait_s)
+        self.queue: list = []  # (query, future)
+        self.busy = False
+
+    async def __call__(self, query):
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((query, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self):
+        try:
+            while self.queue:
+                if self.wait_s and 1 < len(self.queue) < self.max_batch_size:
+                    await asyncio.sleep(self.wait_s)
+                batch = self.queue[: self.max_batch_size]
+                del self.queue[: len(batch)]
+                batch = [(q, f) for q, f in batch if not f.done()]  # a caller gone: skip it
+                if batch:
+                    await self._answer(batch)
+        finally:
+            self.busy = False
+
+    async def _answer(self, batch):
+        try:
+            answers = await asyncio.to_thread(self.run, [query for query, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), answer in zip(batch, answers):
+            if not future.done():
+                future.set_result(answer)
 
 
 class Recommender:
@@ -628,11 +680,10 @@ if serve is not None:
             self.recommender = Recommender(self._night_config())
             if self.config.follow_s is not None:
                 threading.Thread(target=self._follow, daemon=True).start()
-            self._batch_recommend.set_max_batch_size(self.config.max_batch_size)
-            self._batch_recommend.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-            self._batch_score.set_max_batch_size(self.config.max_batch_size)
-            self._batch_score.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
             self._lock = threading.Lock()  # one batch at a time through the model
+            batching = (self.config.max_batch_size, self.config.batch_wait_timeout_s)
+            self._batch_recommend = Batcher(self._recommend_many, *batching)
+            self._batch_score = Batcher(self._score_many, *batching)
             self.batches = {"calls": 0, "requests": 0, "seconds": 0.0}  # for /readyz
 
         def _night_config(self) -> ServeConfig:
@@ -667,13 +718,11 @@ if serve is not None:
                 self.batches["seconds"] += time.perf_counter() - started
                 return answers
 
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def _batch_recommend(self, queries: list[Query]) -> list[dict]:
-            return await asyncio.to_thread(self._run, self.recommender.recommend_many, queries)
+        def _recommend_many(self, queries: list[Query]) -> list[dict]:
+            return self._run(lambda qs: self.recommender.recommend_many(qs), queries)
 
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def _batch_score(self, queries: list[Query]) -> list[dict]:
-            return await asyncio.to_thread(self._run, self.recommender.score_many, queries)
+        def _score_many(self, queries: list[Query]) -> list[dict]:
+            return self._run(lambda qs: self.recommender.score_many(qs), queries)
 
         @app.post("/recommend", response_model=RecommendResponse,
                   response_model_exclude_none=True, dependencies=[Depends(_check_key)])

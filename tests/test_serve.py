@@ -4,6 +4,7 @@ A tiny random model on a small synthetic log; the nightly job (``recommend``) an
 ``score_pairs`` are the references the endpoint must match exactly.
 """
 
+import asyncio
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from ezsasrec_ray.errors import EzSASRecError
 from ezsasrec_ray.serve import (
     API_KEY_ENV,
     REQUEST_ERRORS,
+    Batcher,
     Query,
     Recommender,
     RecommendRequest,
@@ -171,7 +173,7 @@ def test_recommend_equals_nightly_job(server, prepared, models, tmp_path):
 
 
 def test_concurrent_requests_are_batched_and_exact(server, prepared):
-    """Many callers at once (batched by @serve.batch) get the same answers as one at a time."""
+    """Many callers at once (batched by Batcher) get the same answers as one at a time."""
     users = sorted(raw_histories(prepared))[:40]
     alone = {u: post(server + "/recommend", {"user_id": u, "k": 5}).json() for u in users}
     results, errors = {}, []
@@ -614,3 +616,31 @@ def test_recommender_with_a_faiss_index_answers_as_the_exact_one(prepared, model
     queries = [Query(user_id=u, k=10) for u in users] + [Query(history=items[3:9], k=5)]
     # a small catalog: FAISS is asked for every item, so the answers are the exact ones
     assert approx.recommend_many(queries) == recommender.recommend_many(queries)
+
+
+def test_batcher_answers_an_idle_call_at_once_and_batches_what_arrives_meanwhile():
+    calls = []
+
+    def run(queries):
+        calls.append(list(queries))
+        if "bad" in queries:
+            raise ValueError("bad query")
+        time.sleep(0.05)  # the model is busy: later arrivals queue for the next call
+        return [q * 10 for q in queries]
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=4)
+        first = asyncio.ensure_future(batcher(1))
+        await asyncio.sleep(0.01)  # 1 is being answered alone, without waiting for company
+        rest = [asyncio.ensure_future(batcher(q)) for q in range(2, 8)]
+        gone = asyncio.ensure_future(batcher(99))
+        await asyncio.sleep(0)
+        gone.cancel()  # its caller left: it is not run
+        answers = await asyncio.gather(first, *rest)
+        failed = await asyncio.gather(batcher("bad"), return_exceptions=True)
+        return answers, failed
+
+    answers, failed = asyncio.run(main())
+    assert answers == [10, 20, 30, 40, 50, 60, 70]
+    assert calls[:3] == [[1], [2, 3, 4, 5], [6, 7]]  # at most max_batch_size a call
+    assert isinstance(failed[0], ValueError) and calls[3] == ["bad"]
