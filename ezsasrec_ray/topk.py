@@ -45,6 +45,10 @@ _EXTRA = 16  # the fast pass keeps k + _EXTRA items per row, so near-ties at the
 _MIN_FIRST_CHUNK = 128  # top_k_from_scores starts with chunks of max(k, this)
 _PILOT_MISS = 0.01  # rows whose pilot threshold may be too high, searched again
 _ROW_BLOCK = 512  # users scored together: a (512, chunk) score block stays in cache
+# users x items up to which the fast pass is one matmul over the whole catalog (16 MiB of
+# scores): a request's few users then cost one BLAS call and an argpartition, not a loop
+# over chunks
+_SMALL_BATCH_SCORES = 1 << 22
 
 
 # -----------------------------------------------------------------------------
@@ -438,7 +442,22 @@ class TopK:
         """(B, d), keep, (B, H) or None -> (B, keep) keys of the best `keep` fast scores per row
         (EMPTY_KEY where fewer), sorted descending: any float32 dot products whose error
         :func:`_score_bound` bounds will do (a device backend overrides this)."""
+        if users.shape[0] * self.items.size <= _SMALL_BATCH_SCORES:
+            return self._fast_keys_whole(users, keep, histories)
         return _sorted_desc(self._stream(users, keep, histories, 0.0, False))
+
+    def _fast_keys_whole(self, users, keep, histories):
+        """:meth:`_fast_keys` for a few users: one matmul over the catalog, an argpartition."""
+        scores = users @ self.vectors.T  # (B, n)
+        if histories is not None:
+            pos, rows = self._history_positions(histories)
+            scores[rows, pos] = -np.inf
+        n = scores.shape[1]
+        best = np.argpartition(scores, n - keep, axis=1)[:, n - keep:]  # (B, keep), unordered
+        values = np.take_along_axis(scores, best, axis=1)
+        keys = encode_keys(values, self.items[best])
+        keys[np.isneginf(values)] = EMPTY_KEY  # history items, when fewer than keep are left
+        return _sorted_desc(keys)
 
     def _exact_top(self, users, fast, k, bound, histories):
         """Exact top k from the fast pass.

@@ -1,5 +1,10 @@
-"""Exact streaming top-k and target ranks (ezsasrec_ray.topk) against brute-force numpy."""
+"""Exact streaming top-k and target ranks (ezsasrec_ray.topk) against brute-force numpy.
 
+Most tests run the chunked fast pass (the one large batches take: chunk sizes, pilot
+thresholds); the ``whole`` tests at the end run the few-users pass (one matmul over the
+catalog), the one Serve's requests take."""
+
+import contextlib
 from functools import reduce
 
 import numpy as np
@@ -23,6 +28,24 @@ from ezsasrec_ray.topk import (
 )
 
 CHUNKS = (1, 3, 7)  # and N + 5, added per test
+WHOLE = topk._SMALL_BATCH_SCORES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def chunked_fast_pass():
+    """Every batch through the chunked pass (these tests' batches are all small)."""
+    topk._SMALL_BATCH_SCORES = 0
+    yield
+    topk._SMALL_BATCH_SCORES = WHOLE
+
+
+@contextlib.contextmanager
+def whole_fast_pass():
+    topk._SMALL_BATCH_SCORES = WHOLE
+    try:
+        yield
+    finally:
+        topk._SMALL_BATCH_SCORES = 0
 
 
 # -----------------------------------------------------------------------------
@@ -797,3 +820,51 @@ def test_ids_in_and_out_match_indices():
         TopK(table).query_ids(users, 5)
     with pytest.raises(ValueError, match="must name the 50 items"):
         TopK(table, ids=ids[:-1])
+
+
+# -----------------------------------------------------------------------------
+# the few-users fast pass: one matmul over the whole catalog
+
+
+@settings(max_examples=50, deadline=None)
+@given(problems())
+def test_whole_catalog_pass_property_matches_brute_force(problem):
+    users, table, histories, exclude, candidates, k, chunk = problem
+    ok = allowed_mask(users.shape[0], table.shape[0] - 1, histories, exclude, candidates)
+    with whole_fast_pass():
+        got = top_k(users, table, k, histories=histories, exclude_items=exclude,
+                    candidates=candidates, chunk_size=chunk)
+    assert_same(got, brute_top_k(all_scores(users, table), ok, k))
+
+
+def test_whole_catalog_pass_where_rounding_differs_and_near_ties(monkeypatch):
+    rng = np.random.default_rng(10)
+    users = (rng.integers(-5, 6, (12, 20)) * 0.1).astype(np.float32)
+    table = (rng.integers(-5, 6, (401, 20)) * 0.1).astype(np.float32)
+    table[rng.integers(1, 401, 100)] = table[rng.integers(1, 401)]
+    histories = rng.integers(0, 401, (12, 15))
+    want = brute_top_k(all_scores(users, table), allowed_mask(12, 400, histories), 30)
+    with whole_fast_pass():
+        index = TopK(table)
+        assert_same(index(users, 30, histories=histories), want)
+        for b in range(12):  # one user at a time, as a request
+            got = index(users[b : b + 1], 30, histories=histories[b : b + 1])
+            np.testing.assert_array_equal(got[0][0], want[0][b])
+        calls = _spy_paths(monkeypatch)  # more tied duplicates than kept: exact search
+        dup = np.vstack([np.zeros((1, 4), np.float32), np.ones((60, 4), np.float32)])
+        assert_same(TopK(dup)(np.ones((1, 4), np.float32), 10),
+                    (np.arange(1, 11)[None], np.full((1, 10), 4.0)))
+        assert ("search", 1) in calls
+
+
+def test_the_few_users_pass_is_taken_only_for_small_batches(monkeypatch):
+    taken = []
+    whole = TopK._fast_keys_whole
+    monkeypatch.setattr(TopK, "_fast_keys_whole",
+                        lambda self, *a: taken.append(a[0].shape[0]) or whole(self, *a))
+    table = np.random.default_rng(0).standard_normal((20_001, 8)).astype(np.float32)
+    with whole_fast_pass():
+        index = TopK(table)
+        index(np.ones((3, 8), np.float32), 5)
+        index(np.ones((WHOLE // 20_000 + 1, 8), np.float32), 5)  # a block of 210 users
+    assert taken == [3]
