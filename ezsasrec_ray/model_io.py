@@ -17,6 +17,7 @@ import numpy as np
 from . import outputs
 from .dataset import sha256_file
 from .errors import EzSASRecError
+from .storage import is_remote, local_dir
 
 MODEL_FORMAT_VERSION = 1
 NIGHT_FILE = "night.json"  # in a pipeline's nights/<date>/: what that night published
@@ -25,7 +26,9 @@ WEIGHTS_FILE = "model.weights.h5"  # Keras 3 weights (HDF5)
 
 
 def read_model_dir(path: str) -> tuple[dict, dict]:
-    """Check a model directory without loading TensorFlow -> ``(config dict, metadata)``."""
+    """Check a model directory (local, or a URI: see :mod:`.storage`) without loading
+    TensorFlow -> ``(config dict, metadata)``."""
+    path = local_dir(path)
     metrics_path = os.path.join(path, "metrics.json")
     if not os.path.isdir(path):
         raise EzSASRecError(f"{path}: model directory not found")
@@ -58,6 +61,7 @@ def load_model(path: str):
     """Load a model directory -> :class:`.model.SASRec` with ``.model_dir`` and ``.metadata``."""
     from .model import load_model_files
 
+    path = local_dir(path)
     config, metadata = read_model_dir(path)
     model_config(path, config)  # a bad config.json is one line, before TensorFlow builds it
     model = load_model_files(path)
@@ -87,6 +91,8 @@ def resolve_night(model: str, data: str | None = None) -> tuple[str, str | None]
     reads through it never pairs tonight's data with last night's model; ``data``, when given,
     is kept. Any other path comes back as it is."""
     night = None
+    if is_remote(model):  # a model directory on object storage (nights stay on a filesystem)
+        return model, data
     if os.path.isfile(model) or os.path.isfile(os.path.join(model, "scores", "latest")):
         pointer = model if os.path.isfile(model) else os.path.join(model, "scores", "latest")
         night = _json_object(pointer).get("night")
@@ -103,6 +109,7 @@ def resolve_night(model: str, data: str | None = None) -> tuple[str, str | None]
 
 def model_info(path: str) -> SimpleNamespace:
     """What the driver needs of a model directory (its config and metadata; no weights)."""
+    path = local_dir(path)
     config, metadata = read_model_dir(path)
     return SimpleNamespace(config=model_config(path, config), metadata=metadata,
                            model_dir=os.path.abspath(path))
@@ -124,7 +131,7 @@ def item_vocab(model_dir: str, data):
     else the prepared dataset's (whose fingerprint the model matched)."""
     import pyarrow.parquet as pq
 
-    path = os.path.join(model_dir, "items")
+    path = os.path.join(local_dir(model_dir), "items")
     if os.path.isdir(path):
         return pq.read_table(path)
     if data is None:
@@ -134,7 +141,7 @@ def item_vocab(model_dir: str, data):
 
 
 def model_version(model_dir: str) -> str:
-    digest = sha256_file(os.path.join(model_dir, WEIGHTS_FILE))
+    digest = sha256_file(os.path.join(local_dir(model_dir), WEIGHTS_FILE))
     return f"{os.path.basename(os.path.abspath(model_dir))}-{digest[:12]}"
 
 

@@ -147,6 +147,15 @@ SCORER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
               "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "EZSASREC_CACHE")
+
+
+def storage_env() -> dict:
+    """This process's object-storage settings (endpoint, credentials, region, the local
+    cache), for the actors and replicas it starts: they read a model from where it does."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
 def set_threads(threads: int | None, *, concurrent_calls: bool = False):
     """TF threads for this process; on GPUs, memory growth (actors may share a GPU) and no
     TF32 (user vectors stay float32, as on CPU).

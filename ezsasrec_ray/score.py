@@ -43,7 +43,8 @@ from .errors import EzSASRecError, find_user_error
 from .index import check_available, index_option, make_index, recall_counts
 from .model_io import WEIGHTS_FILE, check_vocab, load_model, model_info
 from .options import check_instance, option
-from .runtime import SCORER_ENV, init_ray, keyed_stats_actor, set_threads
+from .runtime import SCORER_ENV, init_ray, keyed_stats_actor, set_threads, storage_env
+from .storage import is_remote
 from .topk import DEFAULT_CHUNK_SIZE, TopK, exact_scores
 from .vocab import lookup_ids, raw_ids_by_index, resolve_items, resolve_users
 
@@ -129,7 +130,10 @@ def _model_source(model, ray_put=None) -> _ModelSource:
                 "best_epoch": metadata.get("best_epoch"), "config": info.config.to_dict()}
     if isinstance(model, (str, os.PathLike)):
         manifest["weights_sha256"] = sha256_file(os.path.join(info.model_dir, WEIGHTS_FILE))
-        return _ModelSource(info=info, path=info.model_dir, manifest=manifest)
+        # on object storage, every actor copies it from there (to its own node)
+        path = os.fspath(model) if is_remote(model) else info.model_dir
+        manifest["path"] = path
+        return _ModelSource(info=info, path=path, manifest=manifest)
     weights = [np.asarray(w) for w in model.get_weights()]
     digest = hashlib.sha256()
     for w in weights:
@@ -615,7 +619,7 @@ def _scoring_run(model, data, config: ScoreConfig, request: _Request, *, with_st
         request.source = _model_source(model, ray_put=ray.put)
     threads = int(config.threads_per_actor or _cluster_threads(config.actors,
                                                                config.cpus_per_actor))
-    env = dict(SCORER_ENV)
+    env = {**SCORER_ENV, **storage_env()}
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     stats = keyed_stats_actor(max_restarts=-1, max_task_retries=-1) if with_stats else None

@@ -40,7 +40,8 @@ from .model_io import (
     resolve_night,
 )
 from .options import check_instance, option
-from .runtime import init_ray, set_threads
+from .runtime import init_ray, set_threads, storage_env
+from .storage import is_remote
 from .topk import TopK, exact_scores
 from .vocab import IdIndex, strict_ids  # noqa: F401 - strict_ids: part of this API
 
@@ -89,7 +90,8 @@ class ServeConfig:
     def __post_init__(self):
         check_instance(self, prefix="serve: ")
         check_available(self.index)
-        if not os.path.exists(self.model):  # a directory, or a night's scores/latest pointer
+        # a directory, a night's scores/latest pointer, or a model directory's URI
+        if not is_remote(self.model) and not os.path.exists(self.model):
             raise EzSASRecError(f"serve: model {self.model}: directory not found (a model "
                                 "directory, a pipeline workdir or its scores/latest)")
         if self.data is not None and not os.path.isdir(self.data):
@@ -206,16 +208,25 @@ class Batcher:
                 batch = [(q, f) for q, f in batch if not f.done()]  # a caller gone: skip it
                 if batch:
                     await self._answer(batch)
+        except BaseException:  # cancelled (the replica stopping): no caller waits forever
+            for _, future in self.queue:
+                if not future.done():
+                    future.set_exception(RuntimeError("the replica is shutting down"))
+            self.queue.clear()
+            raise
         finally:
             self.busy = False
 
     async def _answer(self, batch):
         try:
             answers = await asyncio.to_thread(self.run, [query for query, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-            for _, future in batch:
+        except BaseException as exc:  # every caller of the batch gets the error (cancelled
+            for _, future in batch:  # at shutdown too: no caller waits forever)
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(exc if isinstance(exc, Exception)
+                                         else RuntimeError("the replica is shutting down"))
+            if not isinstance(exc, Exception):
+                raise
             return
         for (_, future), answer in zip(batch, answers):
             if not future.done():
@@ -829,6 +840,8 @@ def build_app(args: dict):
     # The key is decided here (api_key, else $EZSASREC_API_KEY of this process) and only its
     # hash travels, in the deployment's arguments: every replica gets it, however started
     auth = _auth_args(config.api_key)
+    if is_remote(config.model) and storage_env():  # replicas read the model where we do
+        options["ray_actor_options"].setdefault("runtime_env", {})["env_vars"] = storage_env()
     return RecommenderDeployment.options(**options).bind(asdict(replace(config, api_key=None)),
                                                          auth)
 

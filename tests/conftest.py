@@ -2,6 +2,8 @@
 
 * ``ray_session``: one local Ray instance for the whole test session.
 * ``shared_path``: a file under ../shared/data, or skip.
+* ``s3_server``: a real S3 server for the session (moto in server mode on 127.0.0.1), its
+  endpoint and test credentials in the environment, one bucket.
 * Builders several test files use: a tab-separated log (``write_tsv``), a prepared synthetic
   log (``synth_prepared``), a random model directory (``random_model_dir``), a scoring run's
   output read back (``read_results``), the ``ezsasrec`` command in a subprocess (``run_cli``),
@@ -18,6 +20,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,6 +46,44 @@ def ray_session():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 and a free port (stopped after the session); pyarrow and
+    boto3 reach it through AWS_ENDPOINT_URL. Remote model copies go to a temporary cache."""
+    pytest.importorskip("moto")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true",
+           "EZSASREC_CACHE": str(tmp_path_factory.mktemp("remote_cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="ezsasrec-test")
+        yield SimpleNamespace(endpoint=env["AWS_ENDPOINT_URL"], bucket="s3://ezsasrec-test")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def shared_path(*parts):

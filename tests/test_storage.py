@@ -1,0 +1,117 @@
+"""Model directories on object storage (ezsasrec_ray.storage) against a real S3 server (moto)."""
+
+import json
+import os
+import posixpath
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from conftest import random_model_dir, read_results, synth_prepared
+
+from ezsasrec_ray import recommend
+from ezsasrec_ray.dataset import load_prepared
+from ezsasrec_ray.errors import EzSASRecError
+from ezsasrec_ray.evaluate import evaluate
+from ezsasrec_ray.model_io import load_model
+from ezsasrec_ray.serve import Query, Recommender, ServeConfig
+from ezsasrec_ray.storage import is_remote, local_dir, upload_dir
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage_data")
+    return load_prepared(synth_prepared(root, users=120, items=50, events=2000, seed=7,
+                                        themes=3))
+
+
+@pytest.fixture(scope="module")
+def model_dir(prepared, tmp_path_factory):
+    return random_model_dir(tmp_path_factory.mktemp("storage_model") / "m", prepared)
+
+
+@pytest.fixture(scope="module")
+def remote_model(s3_server, model_dir):
+    uri = f"{s3_server.bucket}/models/m"
+    upload_dir(model_dir, uri, overwrite=False)
+    return uri
+
+
+def listing(uri):
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {posixpath.relpath(i.path, root): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def local_listing(path):
+    return {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(path) for f in files}
+
+
+def test_is_remote():
+    assert is_remote("s3://b/k") and is_remote("gs://b/k")
+    assert not is_remote("/tmp/x") and not is_remote("file:///tmp/x") and not is_remote("m")
+
+
+def test_a_published_directory_comes_back_whole_and_is_copied_once(remote_model, model_dir):
+    files = {k: v for k, v in local_listing(model_dir).items() if k != "_SUCCESS"}
+    remote = listing(remote_model)
+    assert "_SUCCESS" in remote and {k: v for k, v in remote.items() if k != "_SUCCESS"} == files
+    copy = local_dir(remote_model)
+    with open(os.path.join(copy, "_SUCCESS")) as f:
+        assert json.load(f)["upload_id"]  # each upload its own: readers tell them apart
+    assert {k: v for k, v in local_listing(copy).items() if k != "_SUCCESS"} == files
+    assert os.path.basename(copy) == "m"
+    assert local_dir(remote_model) == copy  # the same version: no second copy
+
+
+def test_incomplete_or_missing_directories_are_one_line(s3_server, model_dir):
+    uri = f"{s3_server.bucket}/half/m"
+    fs, root = pafs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(posixpath.join(root, "metrics.json")) as f:
+        f.write(b"{}")  # a writer that died before _SUCCESS
+    for path in (uri, f"{s3_server.bucket}/nothing/here"):
+        with pytest.raises(EzSASRecError, match="not found, or incomplete"):
+            local_dir(path)
+    with pytest.raises(EzSASRecError, match="did not write"):
+        upload_dir(model_dir, uri, overwrite=True)  # not ours: left untouched
+    assert listing(uri) == {"metrics.json": 2}
+
+
+def test_republishing_needs_overwrite_and_gives_readers_the_new_version(s3_server, model_dir,
+                                                                        prepared, tmp_path):
+    uri = f"{s3_server.bucket}/models/again"
+    upload_dir(model_dir, uri, overwrite=False)
+    first = local_dir(uri)
+    with pytest.raises(EzSASRecError, match="already exists"):
+        upload_dir(model_dir, uri, overwrite=False)
+    upload_dir(random_model_dir(tmp_path / "again", prepared, seed=1), uri, overwrite=True)
+    second = local_dir(uri)
+    assert second != first
+    assert not np.array_equal(np.load(os.path.join(first, "item_embeddings.npy")),
+                              np.load(os.path.join(second, "item_embeddings.npy")))
+
+
+def test_evaluate_score_and_serve_take_a_model_on_s3(remote_model, model_dir, prepared,
+                                                     tmp_path):
+    remote, local = load_model(remote_model), load_model(model_dir)
+    np.testing.assert_array_equal(remote.item_embeddings().numpy(),
+                                  local.item_embeddings().numpy())
+    assert evaluate(prepared.path, remote_model, split="test")["model"] == \
+        evaluate(prepared.path, model_dir, split="test")["model"]
+    # scoring actors copy the model from S3 themselves (the endpoint reaches them)
+    manifest = recommend(remote_model, prepared.path, top_n=5, output=str(tmp_path / "s3"),
+                         verbose=False)
+    recommend(model_dir, prepared.path, top_n=5, output=str(tmp_path / "local"),
+              verbose=False)
+    assert manifest["model"]["path"] == remote_model
+    got, want = read_results(str(tmp_path / "s3")), read_results(str(tmp_path / "local"))
+    assert got.keys() == want.keys()
+    for user, (items, scores) in want.items():
+        np.testing.assert_array_equal(got[user][0], items)
+        np.testing.assert_array_equal(got[user][1], scores)
+    users = prepared.users()["raw_id"].to_pylist()[:10]
+    queries = [Query(user_id=u, k=5) for u in users]
+    served = Recommender(ServeConfig(model=remote_model, data=prepared.path))
+    assert served.recommend_many(queries) == Recommender(
+        ServeConfig(model=model_dir, data=prepared.path)).recommend_many(queries)
