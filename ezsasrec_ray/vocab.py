@@ -117,6 +117,9 @@ def resolve_users(ids, data) -> tuple[np.ndarray, dict]:
     return users, {"source": source, "given": int(len(index)), "unique": int(users.size)}
 
 
+_FEW_IDS = 8  # up to this many ids are looked up one by one (IdIndex.lookup)
+
+
 class IdIndex:
     """Raw ids of a vocabulary (index order 1..n) -> indices, 0 for unknown.
 
@@ -148,7 +151,13 @@ class IdIndex:
         normal = [self._normal(v) for v in values]
         found = np.zeros(len(normal), np.int64)
         ok = [i for i, v in enumerate(normal) if v is not None]
-        if ok:
+        if len(ok) <= _FEW_IDS:  # a request's few ids: hash lookups, without get_indexer's setup
+            for i in ok:
+                try:
+                    found[i] = self.index.get_loc(normal[i]) + 1
+                except KeyError:
+                    pass
+        else:
             pos = self.index.get_indexer([normal[i] for i in ok])
             found[ok] = pos + 1  # -1 (unknown) -> 0
         return found
