@@ -17,7 +17,7 @@ import numpy as np
 from . import outputs
 from .dataset import sha256_file
 from .errors import EzSASRecError
-from .storage import is_remote, local_dir
+from .storage import is_remote, local_dir, staged
 
 MODEL_FORMAT_VERSION = 1
 NIGHT_FILE = "night.json"  # in a pipeline's nights/<date>/: what that night published
@@ -158,6 +158,9 @@ def write_model_dir(output: str, model, metadata: dict, *, overwrite: bool,
     metrics = {"format_version": MODEL_FORMAT_VERSION, "kind": "ezsasrec_ray.model",
                "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                **metadata}
+    if is_remote(output):  # written here, then uploaded with its _SUCCESS last
+        with staged(output, overwrite=overwrite) as local:
+            return write_model_dir(local, model, metadata, overwrite=False, extra=extra)
     with outputs.writing(output, overwrite=overwrite, kind="model") as pending:
         save_model_files(model, pending.tmp)
         np.save(os.path.join(pending.tmp, "item_embeddings.npy"),

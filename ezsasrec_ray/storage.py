@@ -13,6 +13,7 @@ read whole, so a reader copies one to a local cache once per published version.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import uuid
 
+from . import outputs
 from .errors import EzSASRecError
 from .outputs import MARKER, written_by_us
 
@@ -94,6 +96,28 @@ def local_dir(path: str) -> str:
     return local
 
 
+def check_output(uri: str, overwrite: bool, *, flag: str = "--output") -> None:
+    """Raise unless a directory may be written at ``uri``: a local path as
+    :func:`.outputs.check_output` says; a URI with nothing there, or (with overwrite) a
+    complete directory of ours."""
+    if not is_remote(uri):
+        outputs.check_output(uri, overwrite, flag=flag)
+        return
+    fs, root = _filesystem(uri)
+    _clear(fs, root, uri, overwrite, flag, dry_run=True)
+
+
+@contextlib.contextmanager
+def staged(uri: str, *, overwrite: bool, flag: str = "--output"):
+    """``with staged(uri, ...) as local:`` write a complete directory (``_SUCCESS`` included)
+    at the local path ``local``; it is published at ``uri`` when the block succeeds."""
+    check_output(uri, overwrite, flag=flag)
+    with tempfile.TemporaryDirectory(prefix="ezsasrec-stage-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(uri.rstrip("/")) or "dir")
+        yield local
+        upload_dir(local, uri, overwrite=overwrite, flag=flag)
+
+
 def upload_dir(local: str, uri: str, *, overwrite: bool, flag: str = "--output") -> None:
     """Publish a complete local directory (its ``_SUCCESS`` included) at ``uri``: every other
     file first, ``_SUCCESS`` last. An existing directory there is replaced only with
@@ -120,9 +144,10 @@ def _copy(source_fs, source: str, dest_fs, dest: str):
             out.write(chunk)
 
 
-def _clear(fs, root: str, uri: str, overwrite: bool, flag: str):
+def _clear(fs, root: str, uri: str, overwrite: bool, flag: str, dry_run: bool = False):
     """Make room at ``root``: nothing there, or (with overwrite) a directory of ours, whose
-    ``_SUCCESS`` goes first so no reader takes it while it is replaced."""
+    ``_SUCCESS`` goes first so no reader takes it while it is replaced (``dry_run``: only
+    check)."""
     import pyarrow.fs as pafs
 
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
@@ -136,6 +161,8 @@ def _clear(fs, root: str, uri: str, overwrite: bool, flag: str):
     if marker is None or not _ours(marker):
         raise EzSASRecError(f"{flag} {uri} holds files this project did not write (no "
                             f"{MARKER} of ours); left untouched")
+    if dry_run:
+        return
     fs.delete_file(posixpath.join(root, MARKER))
     fs.delete_dir_contents(root, missing_dir_ok=True)
 

@@ -27,6 +27,7 @@ from .errors import EzSASRecError
 from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .runtime import init_ray, quiet_native_logs
+from .storage import check_output, is_remote
 from .train_loop import (  # noqa: F401 - the options and worker loop, re-exported
     LOSS_NAMES,
     TRAIN_STATE,
@@ -111,10 +112,9 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     model_config = config.model_config(prepared.num_items)  # fails before any worker starts
     if config.init_from:
         check_parent(config.init_from, model_config)
-    outputs.check_output(output, overwrite)  # before any work
+    check_output(output, overwrite)  # before any work
     init_ray(address)
-    storage = os.path.abspath(config.storage_path or os.path.join(
-        os.path.dirname(os.path.abspath(output)), ".ezsasrec_runs"))
+    storage = os.path.abspath(config.storage_path or _default_storage(output))
     run_name = _run_name(config, model_config, prepared, output, storage)
 
     inputs_dir = os.path.join(storage, run_name + "-inputs")
@@ -152,6 +152,14 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
 RESUMABLE_CHANGES = ("epochs", "patience", "min_steps", "eval_every_steps", "time_budget_s",
                      "verbose", "max_failures", "keep_checkpoints", "eval_batch_size", "run_name",
                      "storage_path")
+
+
+def _default_storage(output: str) -> str:
+    """Checkpoints beside a local output; for an output on object storage, a local directory
+    (give --storage-path on a shared filesystem when workers span nodes)."""
+    if is_remote(output):
+        return os.path.join(os.path.expanduser("~"), ".cache", "ezsasrec_ray", "runs")
+    return os.path.join(os.path.dirname(os.path.abspath(output)), ".ezsasrec_runs")
 
 
 def _run_name(config: TrainConfig, model_config, prepared, output: str, storage: str) -> str:

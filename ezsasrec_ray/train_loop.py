@@ -123,7 +123,9 @@ class TrainConfig:
                                         "(default: a new run each time, its checkpoints "
                                         "removed once the model is written)")
     storage_path: str | None = option(None, "checkpoint directory (shared on a cluster; "
-                                            "default: .ezsasrec_runs beside the output)")
+                                            "default: .ezsasrec_runs beside the output, or "
+                                            "~/.cache/ezsasrec_ray/runs for an output on "
+                                            "object storage)")
     eval_batch_size: int = option(1024, "users per validation batch", min=1)
     verbose: bool = option(True, "print one line per epoch")
 

@@ -115,3 +115,19 @@ def test_evaluate_score_and_serve_take_a_model_on_s3(remote_model, model_dir, pr
     served = Recommender(ServeConfig(model=remote_model, data=prepared.path))
     assert served.recommend_many(queries) == Recommender(
         ServeConfig(model=model_dir, data=prepared.path)).recommend_many(queries)
+
+
+def test_the_model_writer_publishes_on_s3_and_train_checks_there_first(s3_server, model_dir,
+                                                                       prepared):
+    from ezsasrec_ray.train import train
+
+    uri = f"{s3_server.bucket}/models/written"
+    random_model_dir(uri, prepared)  # model_io.write_model_dir, the writer train ends with
+    np.testing.assert_array_equal(load_model(uri).item_embeddings().numpy(),
+                                  load_model(model_dir).item_embeddings().numpy())
+    with open(os.path.join(local_dir(uri), "_SUCCESS")) as f:
+        assert json.load(f)["kind"] == "model"
+    with pytest.raises(EzSASRecError, match="already exists"):
+        train(prepared.path, uri, epochs=1)  # refused before any worker starts
+    with pytest.raises(EzSASRecError, match="already exists"):
+        random_model_dir(uri, prepared)
