@@ -78,7 +78,8 @@ def make_index(item_table, *, index: str = "exact", ef_search: int = 128, nprobe
 class FaissTopK(TopK):
     """:class:`.topk.TopK` answered from a FAISS index (``kind`` faiss-hnsw or faiss-ivf).
 
-    ``build_seconds`` and ``index_bytes`` say what building it cost. ``threads``: FAISS's
+    ``build_seconds`` and ``index_bytes`` (its vectors and graph or lists, from their sizes)
+    say what building it cost. ``threads``: FAISS's
     OpenMP threads (1 where the caller runs several queries at once on its own threads).
     Target ranks (evaluation) stay exact."""
 
@@ -97,7 +98,7 @@ class FaissTopK(TopK):
         self.faiss_index = _build(kind, np.hstack([self.vectors, lift]).astype(np.float32),
                                   nprobe)
         self.build_seconds = time.perf_counter() - started
-        self.index_bytes = int(faiss.serialize_index(self.faiss_index).nbytes)
+        self.index_bytes = _index_bytes(self.faiss_index, kind)
 
     def is_exact(self):
         return False
@@ -146,6 +147,16 @@ def _build(kind: str, vectors: np.ndarray, nprobe: int):
     if n:
         index.add(vectors)
     return index
+
+
+def _index_bytes(index, kind: str) -> int:
+    """Memory of a FAISS index's arrays (without serializing it: no second copy)."""
+    vectors = index.ntotal * index.d * 4
+    if kind == "faiss-hnsw":
+        graph = index.hnsw
+        return int(vectors + graph.neighbors.size() * 4 + graph.offsets.size() * 8
+                   + graph.levels.size() * 4)
+    return int(vectors + index.ntotal * 8 + index.nlist * index.d * 4)  # ids, centroids
 
 
 def recall_counts(approximate, exact) -> tuple[int, int]:
