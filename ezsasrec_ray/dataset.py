@@ -82,11 +82,24 @@ def check_holdout(holdout: str) -> str:
     return holdout
 
 
-def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> np.ndarray:
+def validation_users(user_index: np.ndarray, valid_share: float = 1.0) -> np.ndarray:
+    """Which users are in the validation sample: a fixed hash of ``user_index`` below
+    ``valid_share``, so every stage and worker picks the same users without a list."""
+    if valid_share >= 1.0:
+        return np.ones(len(user_index), bool)
+    hashed = (np.asarray(user_index).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> \
+        np.uint64(11)
+    return hashed.astype(np.float64) / float(1 << 53) < valid_share
+
+
+def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo",
+                valid_share: float = 1.0) -> np.ndarray:
     """How many of each user's first items a model (or baseline) may be fitted on.
 
     ``holdout="valid"`` (the default): ``n_train``, both held-out targets kept out, so the
-    validation metrics are honest. ``"test"``: every item before the test target (leave-one-out
+    validation metrics are honest; with ``valid_share`` < 1 (leave-one-out only), the users
+    outside the validation sample (:func:`validation_users`) also train on their validation
+    targets, the most recent transitions of the log. ``"test"``: every item before the test target (leave-one-out
     adds the validation target; a time split has one target, so it equals ``"valid"``): the
     final model for a test-split evaluation, fitted on what the baselines of that evaluation
     see. ``"none"``: every event (the production model; no held-out metrics are valid).
@@ -95,29 +108,38 @@ def fit_lengths(table: pa.Table, holdout: str = "valid", kind: str = "loo") -> n
     n_train = table["n_train"].to_numpy().astype(np.int64)
     if holdout == "none":
         return table["n_events"].to_numpy().astype(np.int64)
-    if holdout == "test" and kind == "loo":  # time split: the one target is the test one too
-        train_only = table["train_only"].to_numpy(zero_copy_only=False)
-        return np.where(train_only, n_train, n_train + 1)  # n_train = n_events - 2 otherwise
-    return n_train
+    if kind != "loo" or holdout == "valid" and valid_share >= 1.0:
+        return n_train  # time split: the one target is the test one too
+    train_only = table["train_only"].to_numpy(zero_copy_only=False)
+    add = ~train_only  # n_train = n_events - 2 unless train_only
+    if holdout == "valid":
+        add &= ~validation_users(table["user_index"].to_numpy(), valid_share)
+    return np.where(add, n_train + 1, n_train)
 
 
-def training_sequences(table: pa.Table, holdout: str = "valid", kind: str = "loo"
-                       ) -> pa.ListArray:
+def training_sequences(table: pa.Table, holdout: str = "valid", kind: str = "loo",
+                       valid_share: float = 1.0) -> pa.ListArray:
     """What the model trains on: each user's first :func:`fit_lengths` items."""
-    return list_prefixes(table["item_indices"], fit_lengths(table, holdout, kind))
+    return list_prefixes(table["item_indices"], fit_lengths(table, holdout, kind, valid_share))
 
 
-def holdout_examples(table: pa.Table, split: str, kind: str) -> tuple:
+def holdout_examples(table: pa.Table, split: str, kind: str, valid_share: float = 1.0
+                     ) -> tuple:
     """Held-out next-item examples: ``(user_index (B,), histories ListArray, targets (B,))``.
 
     Leave-one-out: ``split="valid"`` predicts the second last item from the ones before it,
     ``"test"`` the last item from all before it. Time split (``kind="time"``): both predict
     the first event after the cutoff from the events up to it. Users without a held-out
-    target (``train_only``) are left out.
+    target (``train_only``) are left out, and with ``valid_share`` < 1 the validation split
+    keeps only the validation sample (leave-one-out; see :func:`fit_lengths`).
     """
     if split not in ("valid", "test"):
         raise EzSASRecError(f"--split: unknown evaluation split {split!r}; use valid or test")
-    table = table.filter(pc.invert(table["train_only"]))
+    keep = pc.invert(table["train_only"])
+    if split == "valid" and kind == "loo" and valid_share < 1.0:
+        keep = pc.and_(keep, pa.array(validation_users(table["user_index"].to_numpy(),
+                                                       valid_share)))
+    table = table.filter(keep)
     n_events = table["n_events"].to_numpy().astype(np.int64)
     if kind == "time":
         history_len = table["n_train"].to_numpy().astype(np.int64)
@@ -188,15 +210,21 @@ class PreparedDataset:
     def split_kind(self) -> str:
         return self.manifest["split"]
 
-    def training_sequences(self, holdout: str = "valid") -> pa.ListArray:
+    def valid_share(self, valid_users: int = 0) -> float:
+        """The share of users in a validation sample of ``valid_users`` users (0: all)."""
+        eligible = self.num_users - self.manifest.get("counts", {}).get("users_train_only", 0)
+        return 1.0 if valid_users <= 0 else min(1.0, valid_users / max(eligible, 1))
+
+    def training_sequences(self, holdout: str = "valid", valid_share: float = 1.0
+                           ) -> pa.ListArray:
         """Every user's training items (see :func:`fit_lengths`), in user_index order."""
         return training_sequences(self.sequences(
             ["user_index", "item_indices", "n_events", "n_train", "train_only"]), holdout,
-            self.split_kind)
+            self.split_kind, valid_share)
 
-    def holdout_examples(self, split: str = "test") -> tuple:
+    def holdout_examples(self, split: str = "test", valid_share: float = 1.0) -> tuple:
         """``(user_index, histories, targets)`` for evaluation; see :func:`holdout_examples`."""
-        return holdout_examples(self.sequences(), split, self.split_kind)
+        return holdout_examples(self.sequences(), split, self.split_kind, valid_share)
 
     def vocab_fingerprint(self) -> str:
         """Hash of both vocabularies: models trained on this data record it."""

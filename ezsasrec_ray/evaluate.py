@@ -42,6 +42,9 @@ class EvaluateConfig:
     holdout: str | None = option(None, "what the model was trained on; the baselines are "
                                        "fitted on the same items (default: from the model's "
                                        "metrics.json)", choices=("valid", "test"))
+    valid_users: int | None = option(None, "the model's validation sample (train "
+                                           "--valid-users; default: from its metrics.json, "
+                                           "0 for models trained before the option)", min=0)
 
     def __post_init__(self):
         check_instance(self)
@@ -50,12 +53,14 @@ class EvaluateConfig:
 def evaluate(data, model, *, split: str = "test", protocol: str = "full",
              ks=DEFAULT_KS, exclude_seen: bool = True, batch_size: int = 1024,
              num_negatives: int = 100, negative_sampling: str = "uniform", seed: int = 0,
-             baselines: bool = True, holdout: str | None = None) -> dict:
+             baselines: bool = True, holdout: str | None = None,
+             valid_users: int | None = None) -> dict:
     """Evaluate ``model`` (or a model directory path) on a prepared dataset (or its path).
 
-    ``holdout``: what the model was trained on (``TrainConfig.holdout``; default: read from
-    the model directory, else ``"valid"``). The baselines are fitted on the same items, and a
-    split whose targets the model was trained on is refused.
+    ``holdout`` and ``valid_users``: what the model was trained on (``TrainConfig``'s; default:
+    read from the model directory). The baselines are fitted on the same items, a split whose
+    targets the model was trained on is refused, and the validation split ranks only the
+    validation sample.
 
     Returns ``{"split", "protocol", "users", "fitted_on", "model": {...},
     "popularity": {...}, "markov": {...}}`` with HR@K, NDCG@K, MRR and coverage@10 for each.
@@ -63,15 +68,17 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     config = EvaluateConfig(split=split, protocol=protocol, ks=ks, exclude_seen=exclude_seen,
                             batch_size=batch_size, num_negatives=num_negatives,
                             negative_sampling=negative_sampling, seed=seed, baselines=baselines,
-                            holdout=holdout)  # checked before anything loads
+                            holdout=holdout, valid_users=valid_users)  # checked first
     data = load_prepared(data) if isinstance(data, str) else data
     model = load_model(model) if isinstance(model, str) else model
     check_vocab(model, data)
-    holdout = _trained_holdout(model, config)
-    _, histories, targets = data.holdout_examples(split)
+    holdout, valid_users = _trained_holdout(model, config)
+    share = data.valid_share(valid_users)
+    _, histories, targets = data.holdout_examples(split, share)
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
+    sample = f", a validation sample of {valid_users} users" if share < 1 else ""
     result = {"split": split, "protocol": protocol, "users": int(len(targets)),
-              "fitted_on": f"holdout {holdout}"}
+              "fitted_on": f"holdout {holdout}{sample if holdout == 'valid' else ''}"}
     if protocol == "sampled":
         return {**result, **_sampled(model, data, ragged, targets, config)}
     top = np.zeros((len(targets), 10), np.int32)
@@ -79,7 +86,7 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
                         top=top)
     result["model"] = _metrics(ranks, config.ks, top, data.num_items)
     if baselines:
-        fitted = fitted_baselines(data.num_items, data.training_sequences(holdout))
+        fitted = fitted_baselines(data.num_items, data.training_sequences(holdout, share))
         for name, baseline in fitted.items():
             ranks = baseline_ranks(baseline, ragged, targets, batch_size=min(batch_size, 256),
                                    exclude_seen=exclude_seen, top=top)
@@ -87,19 +94,20 @@ def evaluate(data, model, *, split: str = "test", protocol: str = "full",
     return result
 
 
-def _trained_holdout(model, config: EvaluateConfig) -> str:
-    """What the model was trained on; refuses a split whose targets it has seen."""
-    holdout = config.holdout
-    if holdout is None:
-        holdout = (getattr(model, "metadata", None) or {}).get("train", {}).get("holdout",
-                                                                                 "valid")
+def _trained_holdout(model, config: EvaluateConfig) -> tuple[str, int]:
+    """What the model was trained on (holdout, validation sample); refuses a split whose
+    targets it has seen."""
+    trained = (getattr(model, "metadata", None) or {}).get("train", {})
+    holdout = config.holdout if config.holdout is not None else trained.get("holdout", "valid")
+    valid_users = (config.valid_users if config.valid_users is not None
+                   else trained.get("valid_users", 0))
     check_holdout(holdout)  # before the ranking, not after it
     split = config.split
     if (split == "valid" and holdout != "valid") or holdout == "none":
         raise EzSASRecError(f"--split {split}: the model was trained on these targets (holdout "
                             f"{holdout!r}); evaluate a model trained with holdout 'valid'"
                             f"{'' if split == 'valid' else ' or test'}")
-    return holdout
+    return holdout, valid_users
 
 
 def _metrics(ranks, ks, top, num_items: int) -> dict:

@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 # The driver
 
 
-def _training_dataset(data, holdout: str = "valid"):
+def _training_dataset(data, holdout: str = "valid", valid_share: float = 1.0):
     """Ray Data dataset of training sequences (columns ``user_index``, ``items``) from a
     prepared dataset."""
     import pyarrow as pa
@@ -85,7 +85,7 @@ def _training_dataset(data, holdout: str = "valid"):
     kind = data.split_kind
 
     def to_train(batch: pa.Table) -> pa.Table:
-        items = training_sequences(batch, holdout, kind)
+        items = training_sequences(batch, holdout, kind, valid_share)
         return pa.table({"user_index": batch["user_index"], "items": items})
 
     columns = ["user_index", "item_indices", "n_events", "n_train", "train_only"]
@@ -118,16 +118,17 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     run_name = _run_name(config, model_config, prepared, output, storage)
 
     inputs_dir = os.path.join(storage, run_name + "-inputs")
+    share = prepared.valid_share(config.valid_users)
     parent = _parent(config, prepared, inputs_dir)
     init_from = parent.pop("loop") if parent else None  # for the workers, not metrics.json
     loop_config = {"train": asdict(config), "model": model_config.to_dict(),
                    "threads": config.cpus_per_worker or max(
                        1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers),
                    "fault": _fault_from_env(), "init_from": init_from,
-                   **write_worker_inputs(prepared, config.holdout, inputs_dir)}
+                   **write_worker_inputs(prepared, config.holdout, inputs_dir, share)}
     score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
     trainer = _trainer(config, loop_config, run_name, storage, score_attribute,
-                       _training_dataset(prepared, config.holdout))
+                       _training_dataset(prepared, config.holdout, share))
     started = time.time()
     result = trainer.fit()
     if result.error:
@@ -137,7 +138,7 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
     with result.checkpoint.as_directory() as latest:
         with open(os.path.join(latest, TRAIN_STATE)) as f:
             state = json.load(f)
-    baselines = valid_baselines(prepared, config.holdout)
+    baselines = valid_baselines(prepared, config.holdout, share)
     with best_checkpoint.as_directory() as directory:
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite,

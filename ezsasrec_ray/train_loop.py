@@ -107,6 +107,10 @@ class TrainConfig:
     holdout: str = option("valid", "targets kept out of training: valid (validation metrics, "
                                    "early stopping), test (also train on the validation "
                                    "targets), none (every event: production)", choices=HOLDOUTS)
+    valid_users: int = option(10000, "users in the validation sample (holdout valid, "
+                                     "leave-one-out): their validation targets are held out "
+                                     "for early stopping, the other users train on theirs "
+                                     "(0: hold out every user's)", min=0)
     time_budget_s: float | None = option(None, "stop after the epoch that crosses this much "
                                                "training time, in seconds (default: no limit)")
     trim_batches: bool = option(True, "trim each batch to its longest history, bucketed by "
@@ -544,30 +548,31 @@ def save_sequences(path: str, values: np.ndarray, offsets: np.ndarray):
     np.savez(path, values=values.astype(np.int32), offsets=offsets.astype(np.int64))
 
 
-def valid_baselines(prepared, holdout: str) -> dict:
+def valid_baselines(prepared, holdout: str, valid_share: float = 1.0) -> dict:
     """Validation metrics of the popularity and first-order Markov baselines, fitted on the
     model's training items and ranked on the validation users and targets the model is
     validated on (same exclusions and tie rule); ``{}`` without a validation holdout."""
     if holdout != "valid":
         return {}
-    _, histories, targets = prepared.holdout_examples("valid")
+    _, histories, targets = prepared.holdout_examples("valid", valid_share)
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy().astype(np.int64))
     result = {}
     for name, baseline in fitted_baselines(prepared.num_items,
-                                           prepared.training_sequences(holdout)).items():
+                                           prepared.training_sequences(holdout, valid_share)
+                                           ).items():
         metrics = ranking_metrics(baseline_ranks(baseline, ragged, targets))
         metrics.pop("users", None)
         result[name] = metrics
     return result
 
 
-def write_worker_inputs(prepared, holdout: str, aux_dir: str) -> dict:
+def write_worker_inputs(prepared, holdout: str, aux_dir: str, valid_share: float = 1.0) -> dict:
     """Validation examples and item popularity as small .npz/.npy files on the storage path
     (every worker reads them; no pickle)."""
     os.makedirs(aux_dir, exist_ok=True)
     valid_path = None
     if holdout == "valid":
-        user_index, histories, targets = prepared.holdout_examples("valid")
+        user_index, histories, targets = prepared.holdout_examples("valid", valid_share)
         valid_path = os.path.join(aux_dir, "valid.npz")
         np.savez(valid_path, user_index=user_index, history_values=histories.values.to_numpy(),
                  history_offsets=histories.offsets.to_numpy().astype(np.int64),

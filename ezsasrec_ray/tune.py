@@ -197,7 +197,8 @@ def tune(data: str, output: str, *, train_options: dict | None = None,
     config, base = TuneConfig(**options), TrainConfig(**(train_options or {}))
     _check_base(base)
     prepared = load_prepared(data)
-    sequences = prepared.training_sequences(base.holdout)
+    share = prepared.valid_share(base.valid_users)
+    sequences = prepared.training_sequences(base.holdout, share)
     lengths = np.diff(sequences.offsets.to_numpy())
     space = fit_to_data(check_space(read_space(config.space), base, config.space or "space"),
                         int(lengths.max(initial=1)))
@@ -215,7 +216,7 @@ def tune(data: str, output: str, *, train_options: dict | None = None,
     resuming = _prepare_experiment(storage, name, record, config.resume, log)
     inputs = {"train": asdict(base), "num_items": prepared.num_items,
               "threads": threads, "sequences_path": os.path.join(inputs_dir, "sequences.npz"),
-              **write_worker_inputs(prepared, base.holdout, inputs_dir)}
+              **write_worker_inputs(prepared, base.holdout, inputs_dir, share)}
     inputs["train"]["cpus_per_worker"] = threads
     save_sequences(inputs["sequences_path"], sequences.values.to_numpy(),
                    sequences.offsets.to_numpy())
@@ -227,7 +228,7 @@ def tune(data: str, output: str, *, train_options: dict | None = None,
         errors = [r["error"] for r in rows if r.get("error")]
         raise EzSASRecError(f"tune: no trial finished{': ' + errors[0] if errors else ''}")
     best = _best_record(rows, base, threads, prepared, space, time.time() - started)
-    best["baselines"] = valid_baselines(prepared, base.holdout)
+    best["baselines"] = valid_baselines(prepared, base.holdout, share)
     _write_output(output, overwrite, rows, best, space)
     for path in (os.path.join(storage, name), inputs_dir):
         shutil.rmtree(path, ignore_errors=True)  # the search is published: no resume needed

@@ -319,6 +319,30 @@ def test_fit_lengths_by_holdout_and_split_kind():
         fit_lengths(loo, "x")
 
 
+def test_a_validation_sample_holds_out_only_its_users_validation_targets():
+    """train --valid-users: the sampled users' validation targets stay out of training and are
+    the validation split; every other user trains on theirs; test targets never train."""
+    from ezsasrec_ray.dataset import fit_lengths, holdout_examples, validation_users
+
+    n = 2000
+    table = pa.table({"user_index": pa.array(np.arange(1, n + 1), pa.int32()),
+                      "item_indices": pa.array([[u % 50 + 1, 2, 3, 4, 5] for u in range(n)]),
+                      "n_events": pa.array([5] * n), "n_train": pa.array([3] * n),
+                      "train_only": pa.array([u % 10 == 0 for u in range(n)])})
+    sample = validation_users(table["user_index"].to_numpy(), 0.25)
+    assert 0.2 < sample.mean() < 0.3
+    assert np.array_equal(sample, validation_users(np.arange(1, n + 1), 0.25))  # same users
+    lengths = fit_lengths(table, "valid", valid_share=0.25)
+    train_only = table["train_only"].to_numpy()
+    assert (lengths[sample | train_only] == 3).all()  # validation targets held out
+    assert (lengths[~sample & ~train_only] == 4).all()  # the others train on theirs
+    users, _, targets = holdout_examples(table, "valid", "loo", valid_share=0.25)
+    assert set(users) == set(np.flatnonzero(sample & ~train_only) + 1)
+    assert len(holdout_examples(table, "test", "loo", valid_share=0.25)[0]) == (~train_only).sum()
+    assert fit_lengths(table, "valid", kind="time", valid_share=0.25).tolist() == [3] * n
+    assert fit_lengths(table, "valid", valid_share=1.0).tolist() == [3] * n
+
+
 # ---------------------------------------------------------------------------------------------
 # Nothing lost or corrupted without a word (issue 15): the prepare side of the reader fixes
 

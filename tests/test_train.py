@@ -42,9 +42,13 @@ def prepared(ray_session, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "m1"
-    metrics = train(prepared, str(out), epochs=8, patience=8,
+    # a validation sample of half the users: the others train on their validation targets
+    metrics = train(prepared, str(out), epochs=8, patience=8, valid_users=VALID_USERS,
                     storage_path=str(out.parent / "runs"), **TINY)
     return str(out), metrics
+
+
+VALID_USERS = 300
 
 
 def test_train_writes_artifacts_loss_decreases_and_beats_popularity(prepared, trained):
@@ -90,10 +94,12 @@ def test_metrics_json_has_both_baselines_on_the_validation_examples(prepared, tr
     assert set(saved["baselines"]) == {"popularity", "markov"}
     assert saved["baselines"] == metrics["baselines"]
     data = load_prepared(prepared)
-    _, histories, targets = data.holdout_examples("valid")
+    share = data.valid_share(VALID_USERS)
+    _, histories, targets = data.holdout_examples("valid", share)
     ragged = (histories.values.to_numpy(), histories.offsets.to_numpy())
-    fitted_on = data.training_sequences("valid")
-    assert metrics["valid"]["users"] == len(targets)  # the model's validation users
+    fitted_on = data.training_sequences("valid", share)
+    assert metrics["valid"]["users"] == len(targets)  # the model's validation sample
+    assert abs(len(targets) - VALID_USERS) < 60  # a hash sample: about VALID_USERS users
     for name, baseline in (("popularity", PopularityBaseline(data.num_items)),
                            ("markov", MarkovBaseline(data.num_items))):
         expected = ranking_metrics(baseline_ranks(baseline.fit(fitted_on), ragged, targets))
