@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import outputs
+from . import outputs, tracking
 from .dataset import load_prepared, training_sequences
 from .errors import EzSASRecError
 from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .runtime import init_ray, quiet_native_logs
-from .storage import check_output, is_remote
+from .storage import check_output, is_remote, local_dir
 from .train_loop import (  # noqa: F401 - the options and worker loop, re-exported
     LOSS_NAMES,
     TRAIN_STATE,
@@ -126,13 +126,18 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
                        1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers),
                    "fault": _fault_from_env(), "init_from": init_from,
                    **write_worker_inputs(prepared, config.holdout, inputs_dir, share)}
+    loop_config["tracking"] = _start_tracking(config, model_config, data, output, run_name)
     score_attribute = "NDCG@10" if config.holdout == "valid" else "epoch"
     trainer = _trainer(config, loop_config, run_name, storage, score_attribute,
                        _training_dataset(prepared, config.holdout, share))
     started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except BaseException:
+        tracking.finish_run(loop_config["tracking"], None, failed=True)
+        raise
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get(score_attribute, -1))
     best_checkpoint, best_metrics = best
     with result.checkpoint.as_directory() as latest:
@@ -143,6 +148,7 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite,
                                   baselines=baselines, parent=parent)
+    tracking.finish_run(loop_config["tracking"], local_dir(output))
     if config.run_name is None:  # not resumable by name: its checkpoints served their turn
         for path in (os.path.join(storage, run_name), os.path.join(storage, run_name + "-inputs")):
             shutil.rmtree(path, ignore_errors=True)
@@ -152,7 +158,19 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
 # Options a resumed run may change: how long it trains and how it reports, not what it learns.
 RESUMABLE_CHANGES = ("epochs", "patience", "min_steps", "eval_every_steps", "time_budget_s",
                      "verbose", "max_failures", "keep_checkpoints", "eval_batch_size", "run_name",
-                     "storage_path")
+                     "storage_path", "tracking_uri", "experiment")
+
+
+def _start_tracking(config: TrainConfig, model_config, data: str, output: str,
+                    run_name: str) -> dict | None:
+    """The MLflow run of this training (``--tracking-uri``), its params the options."""
+    if not config.tracking_uri:
+        return None
+    params = {**{k: v for k, v in asdict(config).items()
+                 if k not in ("verbose", "tracking_uri", "experiment")},
+              **{f"model.{k}": v for k, v in model_config.to_dict().items()},
+              "data": data, "output": output}
+    return tracking.start_run(config.tracking_uri, config.experiment, run_name, params)
 
 
 def _default_storage(output: str) -> str:

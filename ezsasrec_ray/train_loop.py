@@ -29,6 +29,7 @@ from .model_io import WEIGHTS_FILE
 from .options import check_instance, option
 from .ranking import baseline_ranks, evaluate_examples, fitted_baselines
 from .runtime import quiet_ray_logs, set_threads
+from .tracking import round_logger
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is built (``ezsasrec --help`` stays fast)
     from .fit import Adam
@@ -131,6 +132,11 @@ class TrainConfig:
                                             "~/.cache/ezsasrec_ray/runs for an output on "
                                             "object storage)")
     eval_batch_size: int = option(1024, "users per validation batch", min=1)
+    tracking_uri: str | None = option(None, "MLflow tracking URI (e.g. file:///path/mlruns, "
+                                            "http://host:5000): one run per training, every "
+                                            "validation round as metrics (needs the mlflow "
+                                            "extra; default: no tracking)")
+    experiment: str = option("ezsasrec", "MLflow experiment of the run (with --tracking-uri)")
     verbose: bool = option(True, "print one line per epoch")
 
     def __post_init__(self):
@@ -244,6 +250,7 @@ def run_worker(loop_config: dict, session):
     """
     quiet_ray_logs()  # also on a cluster: no INFO line per report and checkpoint
     w = _Worker(loop_config, session)
+    log_round = round_logger(loop_config.get("tracking"))
     state = {"epoch": 0, "best": -1.0, "bad_rounds": 0, "steps": 0, "history": []}
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
@@ -276,6 +283,8 @@ def run_worker(loop_config: dict, session):
         record["replica_weight_gap"] = w.replica_weight_gap()
         improved, score = _update_state(state, record, cfg.holdout == "valid")
         _report(w, session, state, record, score)
+        if log_round:
+            log_round(record, state["steps"])
         if verbose:
             # sys.__stdout__: Ray Train's patched print would write the line twice
             print(_epoch_line(record, score, improved, cfg.holdout), file=sys.__stdout__,

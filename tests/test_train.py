@@ -178,13 +178,16 @@ def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monke
     marker = tmp_path / "killed"
     monkeypatch.setenv("EZSASREC_FAULT_KILL_AT_EPOCH", "2")
     monkeypatch.setenv("EZSASREC_FAULT_MARKER", str(marker))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it
     options = {**TINY, "num_workers": 2, "run_name": "resume", "storage_path": storage,
                "patience": 10, "max_failures": 1, "optimizer": "lazy_adam"}
-    train(prepared, str(tmp_path / "a"), epochs=3, **options)
+    tracking = (tmp_path / "mlruns").as_uri()
+    train(prepared, str(tmp_path / "a"), epochs=3, tracking_uri=tracking, **options)
     assert marker.exists()  # the worker really died
     state = _latest_state(storage, "resume")
     assert state["epoch"] == 3 and state["resumed_from_epoch"] in (1, 2)  # not from scratch
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    _check_mlflow_run(tracking, state, tmp_path / "a")
     # both workers hold the same weights after every epoch (rank 0 vs the workers' mean)
     assert all(h["replica_weight_gap"] < 1e-12 for h in state["history"])
     monkeypatch.delenv("EZSASREC_FAULT_KILL_AT_EPOCH")
@@ -197,6 +200,27 @@ def test_resume_same_run_name_and_worker_kill(prepared, trained, tmp_path, monke
     one = evaluate(prepared, trained[0], split="test", baselines=False)
     assert two["model"]["NDCG@10"] > 1.2 * two["popularity"]["NDCG@10"]
     assert two["model"]["NDCG@10"] > 0.8 * one["model"]["NDCG@10"]
+
+
+def _check_mlflow_run(tracking_uri, state, model_dir):
+    """--tracking-uri: one MLflow run, the options as params, every validation round as a
+    metric at its step (the restarted worker logged into the same run), the reports as
+    artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ezsasrec").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["dim"] == str(TINY["dim"]) and run.data.params["num_workers"] == "2"
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id,
+                                                                  "valid_NDCG_at_10")}
+    expected = {h["total_steps"]: h["valid_NDCG@10"] for h in state["history"]}
+    assert logged == pytest.approx(expected, abs=1e-9)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "history.csv"} <= artifacts
+    with open(model_dir / "metrics.json") as f:
+        assert json.load(f)["best_epoch"] >= 1
 
 
 def _latest_state(storage, run_name):
