@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 
 from .errors import EzSASRecError
 from .outputs import MARKER
+from .runtime import storage_env
+from .storage import is_remote, local_dir
 
 FORMAT_VERSION = 1
 
@@ -161,6 +164,7 @@ class PreparedDataset:
 
     path: str
     manifest: dict
+    uri: str | None = None  # where it was published, when on object storage (path: a copy)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -203,7 +207,11 @@ class PreparedDataset:
         """The sequences as a Ray Dataset (parallel Parquet reads)."""
         import ray.data
 
-        dataset = ray.data.read_parquet(self.sequences_path)
+        if self.uri:  # read where it was published: the read tasks may run on any node
+            dataset = ray.data.read_parquet(posixpath.join(self.uri, "sequences"),
+                                            runtime_env={"env_vars": storage_env()})
+        else:
+            dataset = ray.data.read_parquet(self.sequences_path)
         return dataset.select_columns(columns) if columns else dataset
 
     @property
@@ -242,7 +250,12 @@ class PreparedDataset:
 
 
 def load_prepared(path: str) -> PreparedDataset:
-    """Open a prepared dataset, checking that it is complete and of a known format version."""
+    """Open a prepared dataset, checking that it is complete and of a known format version;
+    one on object storage is read from a local copy (:func:`.storage.local_dir`)."""
+    if is_remote(path):
+        data = load_prepared(local_dir(path))
+        data.uri = path.rstrip("/")
+        return data
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise EzSASRecError(f"{path}: prepared dataset not found")

@@ -268,7 +268,8 @@ def start(path, *, overwrite: bool, flag: str = "--output") -> str:
     return tmp
 
 
-def _write_marker(tmp: str, kind: str, extra: dict | None):
+def write_marker(tmp: str, kind: str, extra: dict | None = None):
+    """Write ``_SUCCESS`` (who wrote the directory, what it is) into a finished directory."""
     body = {"written_by": WRITTEN_BY, "kind": kind, "format_version": MARKER_FORMAT_VERSION,
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     # The identifying keys win over extra ones, so a caller cannot make a marker unreadable.
@@ -285,7 +286,7 @@ def publish(tmp: str, path, *, kind: str, extra: dict | None = None, overwrite: 
     """Write the marker into ``tmp`` and rename it to ``path``, replacing a previous output."""
     shown, full = _local(path, flag)
     os.chmod(tmp, 0o777 & ~_umask())  # callers' mkdtemp directories would stay 0o700
-    _write_marker(tmp, kind, extra)
+    write_marker(tmp, kind, extra)
     _fsync_dir(tmp)
     check_output(path, overwrite, flag=flag)  # it may have appeared while we were writing
     aside = _move_aside(full, shown, flag)

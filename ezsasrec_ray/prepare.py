@@ -14,6 +14,8 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass
 from typing import Any
@@ -23,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import outputs
+from . import outputs, storage
 from .dataset import FORMAT_VERSION, hash_tree
 from .errors import EzSASRecError, PrepareError, find_user_error
 from .options import check_instance, option
 from .readers import FORMATS, LogSpec, list_input_files, read_file, unix_to_millis
 from .runtime import cluster_cpus, init_ray, keyed_stats_actor
+from .storage import is_remote
 
 SEQUENCE_ROW_GROUP = 65536  # users per Parquet row group of the sequence files
 
@@ -362,7 +365,7 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
     skipped: list[str] = []  # Spark/Hadoop _temporary/, _SUCCESS, .staging/, .crc
     files = list_input_files(config.input, skipped=skipped)  # bad paths fail before Ray starts
     try:
-        tmp = outputs.start(config.output, overwrite=config.overwrite)
+        tmp = _start_output(config)
     except EzSASRecError as exc:  # prepare's errors are PrepareErrors
         raise PrepareError(exc.message) from None
     init_ray(address)
@@ -374,7 +377,26 @@ def prepare(input: str, output: str, *, address: str | None = None, verbose: boo
             raise type(user_error)(user_error.message) from None
         raise
     finally:
-        outputs.discard(tmp)  # gone already once published
+        if is_remote(config.output):
+            shutil.rmtree(tmp, ignore_errors=True)  # a staging directory of ours
+        else:
+            outputs.discard(tmp)  # gone already once published
+
+
+def _start_output(config: PrepareConfig) -> str:
+    """The directory to write into: a temporary sibling of a local output, or, for one on
+    object storage, a local staging directory uploaded at the end (_SUCCESS last)."""
+    if not is_remote(config.output):
+        return outputs.start(config.output, overwrite=config.overwrite)
+    storage.check_output(config.output, config.overwrite)
+    return tempfile.mkdtemp(prefix="ezsasrec-prepare-")
+
+
+def _publish(tmp: str, config: PrepareConfig):
+    if is_remote(config.output):
+        storage.publish(tmp, config.output, kind="prepared", overwrite=config.overwrite)
+    else:
+        outputs.publish(tmp, config.output, kind="prepared", overwrite=config.overwrite)
 
 
 def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool,
@@ -409,7 +431,7 @@ def _prepare(config: PrepareConfig, files: list[str], tmp: str, verbose: bool,
                          partitions, timings, tmp, skipped)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=False, default=str)
-    outputs.publish(tmp, config.output, kind="prepared", overwrite=config.overwrite)
+    _publish(tmp, config)
     log(format_summary(manifest))
     return manifest
 
@@ -526,7 +548,8 @@ def _sequences_step(config: PrepareConfig, encoded, users: pa.Table, items: pa.T
     seq_stats = _shuffle_to_sequences(encoded, _index_map(user_order, users.num_rows),
                                       _index_map(item_order, items.num_rows),
                                       vocab["raw_user_ids"], options, partitions,
-                                      os.path.join(tmp, "sequences"))
+                                      os.path.join(tmp, "sequences"),
+                                      pin=is_remote(config.output))
     return vocab, seq_stats, partitions
 
 
@@ -538,9 +561,11 @@ def _index_map(order: np.ndarray, size: int) -> np.ndarray:
 
 
 def _shuffle_to_sequences(encoded, user_map, item_map, raw_user_ids, options: dict,
-                          partitions: int, seq_dir: str) -> dict:
-    """Map tasks cut each block by ``user % partitions``; each reduce task writes one file."""
+                          partitions: int, seq_dir: str, pin: bool = False) -> dict:
+    """Map tasks cut each block by ``user % partitions``; each reduce task writes one file
+    (``pin``: on this node, whose local staging directory is uploaded to object storage)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     os.makedirs(seq_dir)
     split_block = ray.remote(num_returns=partitions)(_split_for_shuffle)
@@ -550,6 +575,9 @@ def _shuffle_to_sequences(encoded, user_map, item_map, raw_user_ids, options: di
         pieces = [[piece] for piece in pieces]
     raw_users_ref = ray.put(raw_user_ids)
     write = ray.remote(_write_partition)
+    if pin:
+        write = write.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False))
     seq_stats = {"duplicates": 0, "truncated": 0, "events": 0, "users": 0, "train_only": 0}
     for stats in ray.get([
         write.remote(os.path.join(seq_dir, f"part-{p:05d}.parquet"), raw_users_ref, options,

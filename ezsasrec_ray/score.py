@@ -44,7 +44,7 @@ from .index import check_available, index_option, make_index, recall_counts
 from .model_io import WEIGHTS_FILE, check_vocab, load_model, model_info
 from .options import check_instance, option
 from .runtime import SCORER_ENV, init_ray, keyed_stats_actor, set_threads, storage_env
-from .storage import is_remote
+from .storage import is_remote, local_dir
 from .topk import DEFAULT_CHUNK_SIZE, TopK, exact_scores
 from .vocab import lookup_ids, raw_ids_by_index, resolve_items, resolve_users
 
@@ -346,8 +346,12 @@ class BatchScorer:
 
 def _read_sequence_files(batch: dict):
     """Ray Data read step: rows [start, stop) of a Parquet file of sequences -> blocks of up to
-    _READ_ROWS users (only the row groups that overlap the range are read)."""
-    for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
+    _READ_ROWS users (only the row groups that overlap the range are read). A dataset on
+    object storage (``root``) is read from this node's copy of it."""
+    for path, root, start, stop in zip(batch["path"], batch["root"], batch["start"],
+                                       batch["stop"]):
+        if root:
+            path = os.path.join(local_dir(str(root)), "sequences", os.path.basename(str(path)))
         parquet = pq.ParquetFile(str(path))
         offset = 0
         for group in range(parquet.num_row_groups):
@@ -379,10 +383,11 @@ def _sequences_dataset(data, blocks: int = 1, min_rows: int = 1):
     if not files:
         raise EzSASRecError(f"{data.path}: no sequence files in sequences/")
     counts = [pq.ParquetFile(path).metadata.num_rows for path in files]  # the footers only
-    tasks = [{"path": files[f], "start": start, "stop": stop}
+    tasks = [{"path": files[f], "root": data.uri or "", "start": start, "stop": stop}
              for f, start, stop in _row_ranges(counts, blocks, min_rows)]
+    remote_args = {"runtime_env": {"env_vars": storage_env()}} if data.uri else {}  # readers
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        _read_sequence_files, batch_size=1, batch_format="numpy", num_cpus=0)
+        _read_sequence_files, batch_size=1, batch_format="numpy", num_cpus=0, **remote_args)
 
 
 def _row_ranges(counts: list[int], blocks: int, min_rows: int) -> list[tuple[int, int, int]]:

@@ -7,8 +7,10 @@ final prefix and its ``_SUCCESS`` last (:func:`upload_dir`), and read only when 
 ``_SUCCESS`` is there (:func:`local_dir`): a reader never takes a half-written directory.
 
 Model directories go through here (``--model s3://bucket/models/m`` for evaluate, score,
-serve, export and ``--init-from``; ``ezsasrec train --output s3://...``): they are small and
-read whole, so a reader copies one to a local cache once per published version.
+serve, export and ``--init-from``; ``ezsasrec train --output s3://...``), and so do prepared
+datasets (``ezsasrec prepare --output s3://...``, ``--data s3://...``): a reader copies one to
+a local cache once per published version and per node (Ray Data's training reads go to the
+URI itself).
 """
 
 from __future__ import annotations
@@ -136,6 +138,12 @@ def upload_dir(local: str, uri: str, *, overwrite: bool, flag: str = "--output")
         marker = {**json.load(f), "upload_id": uuid.uuid4().hex}
     with fs.open_output_stream(posixpath.join(root, MARKER)) as out:
         out.write(json.dumps(marker).encode())
+
+
+def publish(local: str, uri: str, *, kind: str, overwrite: bool, flag: str = "--output"):
+    """Mark a finished local directory as ours (``_SUCCESS``) and publish it at ``uri``."""
+    outputs.write_marker(local, kind)
+    upload_dir(local, uri, overwrite=overwrite, flag=flag)
 
 
 def _copy(source_fs, source: str, dest_fs, dest: str):

@@ -37,6 +37,14 @@ def remote_model(s3_server, model_dir):
     return uri
 
 
+@pytest.fixture(scope="module")
+def local_scores(model_dir, prepared, tmp_path_factory):
+    """Top-5 of every user by the local model on the local dataset (what S3 runs must match)."""
+    out = str(tmp_path_factory.mktemp("local_scores") / "s")
+    recommend(model_dir, prepared.path, top_n=5, output=out, verbose=False)
+    return read_results(out)
+
+
 def listing(uri):
     fs, root = pafs.FileSystem.from_uri(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -93,7 +101,7 @@ def test_republishing_needs_overwrite_and_gives_readers_the_new_version(s3_serve
 
 
 def test_evaluate_score_and_serve_take_a_model_on_s3(remote_model, model_dir, prepared,
-                                                     tmp_path):
+                                                     local_scores, tmp_path):
     remote, local = load_model(remote_model), load_model(model_dir)
     np.testing.assert_array_equal(remote.item_embeddings().numpy(),
                                   local.item_embeddings().numpy())
@@ -102,10 +110,8 @@ def test_evaluate_score_and_serve_take_a_model_on_s3(remote_model, model_dir, pr
     # scoring actors copy the model from S3 themselves (the endpoint reaches them)
     manifest = recommend(remote_model, prepared.path, top_n=5, output=str(tmp_path / "s3"),
                          verbose=False)
-    recommend(model_dir, prepared.path, top_n=5, output=str(tmp_path / "local"),
-              verbose=False)
     assert manifest["model"]["path"] == remote_model
-    got, want = read_results(str(tmp_path / "s3")), read_results(str(tmp_path / "local"))
+    got, want = read_results(str(tmp_path / "s3")), local_scores
     assert got.keys() == want.keys()
     for user, (items, scores) in want.items():
         np.testing.assert_array_equal(got[user][0], items)
@@ -131,3 +137,33 @@ def test_the_model_writer_publishes_on_s3_and_train_checks_there_first(s3_server
         train(prepared.path, uri, epochs=1)  # refused before any worker starts
     with pytest.raises(EzSASRecError, match="already exists"):
         random_model_dir(uri, prepared)
+
+
+def test_a_prepared_dataset_on_s3_trains_evaluates_and_scores_like_the_local_one(
+        s3_server, prepared, model_dir, local_scores, tmp_path):
+    """prepare --output s3://... publishes (``_SUCCESS`` last) what a local prepare writes;
+    evaluate, score and train take ``--data s3://...`` and give the local dataset's results."""
+    from ezsasrec_ray.prepare import prepare
+    from ezsasrec_ray.train import _training_dataset
+
+    uri = f"{s3_server.bucket}/prepared/p"
+    log = os.path.join(os.path.dirname(prepared.path), "log")
+    manifest = prepare(log, uri, k_core=3, verbose=False)
+    assert listing(uri).keys() == local_listing(prepared.path).keys()
+    remote = load_prepared(uri)
+    assert remote.uri == uri and remote.vocab_fingerprint() == prepared.vocab_fingerprint()
+    assert manifest["counts"] == prepared.manifest["counts"]
+    remote.verify()  # the local copy holds the published bytes
+    with pytest.raises(EzSASRecError, match="already exists"):
+        prepare(log, uri, k_core=3, verbose=False)
+    assert evaluate(uri, model_dir, split="test")["model"] == \
+        evaluate(prepared.path, model_dir, split="test")["model"]
+    recommend(model_dir, uri, top_n=5, output=str(tmp_path / "s3"), verbose=False)
+    got = read_results(str(tmp_path / "s3"))
+    assert got.keys() == local_scores.keys()
+    for user, (items, scores) in local_scores.items():
+        np.testing.assert_array_equal(got[user][0], items)
+        np.testing.assert_array_equal(got[user][1], scores)
+    # training reads the sequences from S3 itself, through Ray Data (read tasks on any node)
+    rows = sorted(_training_dataset(remote).take_all(), key=lambda r: r["user_index"])
+    assert [list(r["items"]) for r in rows] == prepared.training_sequences().to_pylist()
