@@ -631,7 +631,7 @@ def _scoring_run(model, data, config: ScoreConfig, request: _Request, *, with_st
     source = request.source
     scorer_kwargs = {
         "model_config": source.info.config.to_dict(), "model_path": source.path,
-        "weights_ref": source.weights_ref, "data_path": os.path.abspath(data.path),
+        "weights_ref": source.weights_ref, "data_path": data.uri or os.path.abspath(data.path),
         "top_n": config.top_n, "holdout": config.holdout, "split_kind": data.split_kind,
         "include_seen": config.include_seen,
         "users_ref": None if request.users is None else ray.put(request.users),
@@ -776,7 +776,7 @@ def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, 
         "results": RESULTS_DIR,
         "columns": ["user_id", "item_ids", "scores"],
         "order": "score descending, ties by smaller item index",
-        "data": {"path": os.path.abspath(data.path),
+        "data": {"path": data.uri or os.path.abspath(data.path),
                  "vocab_fingerprint": data.vocab_fingerprint(),
                  "num_users": data.num_users, "num_items": data.num_items},
         "model": request.source.manifest,

@@ -287,7 +287,7 @@ def write_model_dir(checkpoint_dir: str, output: str, prepared, config: TrainCon
         _plot_curves(history, os.path.join(tmp, "training_curves.png"), baselines)
 
     metadata = {
-        "data": os.path.abspath(prepared.path),
+        "data": prepared.uri or os.path.abspath(prepared.path),
         "vocab_fingerprint": prepared.vocab_fingerprint(),
         "model": model_config.to_dict(),
         "train": {**{k: v for k, v in asdict(config).items() if k != "verbose"},

@@ -387,7 +387,7 @@ def _best_record(rows: list[dict], base: TrainConfig, threads: int, prepared, sp
     return {"params": params, "searched": {k: best[k] for k in space}, "trial": best["trial"],
             "valid": {METRIC: best[f"valid_{METRIC}"], "HR@10": best["valid_HR@10"]},
             "best_epoch": best["best_epoch"], "best_steps": best["best_steps"],
-            "data": os.path.abspath(prepared.path),
+            "data": prepared.uri or os.path.abspath(prepared.path),
             "vocab_fingerprint": prepared.vocab_fingerprint(),
             "trials": len(rows), "trials_done": len(done),
             "stopped_by_scheduler": sum(r.get("stopped_by") == "scheduler" for r in rows),
