@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import os
+import posixpath
 import time
 import warnings
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import outputs
+from . import outputs, storage
 from .batching import left_pad
 from .dataset import SEQUENCE_COLUMNS, PreparedDataset, holdout_examples, load_prepared, sha256_file
 from .encoder import user_vectors, warm_up
@@ -459,17 +460,15 @@ def _busy_seconds(records) -> float:
 
 
 def _count_rows(directory: str, fmt: str) -> int:
+    """Rows written under ``directory`` (a local path or a URI): Parquet footers, text lines."""
     total = 0
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith((".", "_")) or not os.path.isfile(path):
-            continue
-        if fmt == "parquet":
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            with open(path, "rb") as f:
-                lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-            total += lines - (1 if fmt == "csv" and lines else 0)
+    for _, open_file in storage.files_under(directory):
+        with open_file() as f:
+            if fmt == "parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+                continue
+            lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        total += lines - (1 if fmt == "csv" and lines else 0)
     return total
 
 
@@ -569,7 +568,7 @@ def recommend(model, data, top_n: int = 10, output: str | None = None, *,
     check_available(config.index)
     if output is not None:
         output = os.fspath(output).removeprefix("file://")
-        outputs.check_output(output, overwrite)  # before any work
+        storage.check_output(output, overwrite)  # before any work
     data = _open_data(data)
     request = _resolve_request(model, data, config)
     init_ray(address)
@@ -663,9 +662,7 @@ def _write_scores(run, output: str, overwrite: bool, data, config: ScoreConfig,
     import ray
 
     expected, skipped = _expected_users(data, request.users, config.holdout)
-    tmp = outputs.start(output, overwrite=overwrite)
-    results = os.path.join(tmp, RESULTS_DIR)
-    os.makedirs(results)
+    tmp, results = _start_scores(output, overwrite)
     try:
         t = time.time()
         _write_dataset(run.dataset, results, config.format)
@@ -692,21 +689,45 @@ def _write_scores(run, output: str, overwrite: bool, data, config: ScoreConfig,
         manifest = _scores_manifest(output, data, config, request, run.threads, counts,
                                     _timings(batches, written, score_s, started))
         manifest["index"] = _index_report(batches, config)
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2, default=str)
-        outputs.publish(tmp, output, kind="scores", overwrite=overwrite)
+        _publish_scores(tmp, output, manifest, overwrite)
     finally:
-        outputs.discard(tmp)
+        if tmp:
+            outputs.discard(tmp)
         if run.stats is not None:
             ray.kill(run.stats)
     return manifest
 
 
+def _start_scores(output: str, overwrite: bool) -> tuple[str | None, str]:
+    """``(tmp, results)``: a local output is written into a temporary sibling and renamed;
+    one on object storage straight under its URI (the write tasks may run on any node),
+    after its previous version, if any, is unpublished."""
+    if is_remote(output):
+        storage.make_room(output, overwrite=overwrite)
+        return None, posixpath.join(output.rstrip("/"), RESULTS_DIR)
+    tmp = outputs.start(output, overwrite=overwrite)
+    os.makedirs(os.path.join(tmp, RESULTS_DIR))
+    return tmp, os.path.join(tmp, RESULTS_DIR)
+
+
+def _publish_scores(tmp: str | None, output: str, manifest: dict, overwrite: bool):
+    """The manifest, then ``_SUCCESS`` (object storage) or the rename (local)."""
+    body = json.dumps(manifest, indent=2, default=str)
+    if tmp is None:
+        storage.finish(output, {"manifest.json": body.encode()}, kind="scores")
+        return
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        f.write(body)
+    outputs.publish(tmp, output, kind="scores", overwrite=overwrite)
+
+
 def _write_dataset(dataset, results: str, format: str):
     """Execute the scoring dataset into ``results`` (one-line errors for bad input)."""
     try:
-        # Write tasks take no CPU slot either (the actors may hold them all).
-        write_args = {"ray_remote_args": {"num_cpus": 0}}
+        # Write tasks take no CPU slot either (the actors may hold them all); they reach
+        # object storage as the driver does.
+        write_args = {"ray_remote_args": {"num_cpus": 0, "runtime_env": {
+            "env_vars": storage_env()}}}
         if format == "parquet":
             dataset.write_parquet(results, **write_args)
         elif format == "jsonl":  # 15 decimals: float32 scores round-trip
@@ -772,7 +793,7 @@ def _scores_manifest(output: str, data, config: ScoreConfig, request: _Request, 
     return {
         "format_version": FORMAT_VERSION,
         "kind": "ezsasrec_ray.scores",
-        "output": os.path.abspath(output),
+        "output": output if is_remote(output) else os.path.abspath(output),
         "results": RESULTS_DIR,
         "columns": ["user_id", "item_ids", "scores"],
         "order": "score descending, ties by smaller item index",

@@ -140,6 +140,41 @@ def upload_dir(local: str, uri: str, *, overwrite: bool, flag: str = "--output")
         out.write(json.dumps(marker).encode())
 
 
+def make_room(uri: str, *, overwrite: bool, flag: str = "--output") -> None:
+    """Before writing straight under ``uri`` (Ray Data writes from any node): nothing there,
+    or with overwrite a directory of ours, unpublished first (its ``_SUCCESS`` goes first)."""
+    fs, root = _filesystem(uri)
+    _clear(fs, root, uri, overwrite, flag)
+
+
+def finish(uri: str, files: dict[str, bytes], *, kind: str) -> None:
+    """Complete a directory written under ``uri``: ``files`` (e.g. the manifest), then the
+    ``_SUCCESS`` marker last, so readers take it only now."""
+    fs, root = _filesystem(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs.write_marker(tmp, kind)
+        with open(os.path.join(tmp, MARKER), "rb") as f:
+            marker = {**json.loads(f.read()), "upload_id": uuid.uuid4().hex}
+    for name, body in files.items():
+        with fs.open_output_stream(posixpath.join(root, name)) as out:
+            out.write(body)
+    with fs.open_output_stream(posixpath.join(root, MARKER)) as out:
+        out.write(json.dumps(marker).encode())
+
+
+def files_under(uri: str) -> list[tuple[str, object]]:
+    """``(name, open_input_file)`` of the files directly under ``uri`` (hidden ones skipped),
+    by name."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(((posixpath.basename(i.path), lambda p=i.path: fs.open_input_file(p))
+                   for i in infos if i.type == pafs.FileType.File
+                   and not posixpath.basename(i.path).startswith((".", "_"))),
+                  key=lambda entry: entry[0])
+
+
 def publish(local: str, uri: str, *, kind: str, overwrite: bool, flag: str = "--output"):
     """Mark a finished local directory as ours (``_SUCCESS``) and publish it at ``uri``."""
     outputs.write_marker(local, kind)

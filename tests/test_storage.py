@@ -142,7 +142,8 @@ def test_the_model_writer_publishes_on_s3_and_train_checks_there_first(s3_server
 def test_a_prepared_dataset_on_s3_trains_evaluates_and_scores_like_the_local_one(
         s3_server, prepared, model_dir, local_scores, tmp_path):
     """prepare --output s3://... publishes (``_SUCCESS`` last) what a local prepare writes;
-    evaluate, score and train take ``--data s3://...`` and give the local dataset's results."""
+    evaluate, score and train take ``--data s3://...`` and give the local dataset's results;
+    score --output s3://... publishes the same scores there."""
     from ezsasrec_ray.prepare import prepare
     from ezsasrec_ray.train import _training_dataset
 
@@ -158,8 +159,16 @@ def test_a_prepared_dataset_on_s3_trains_evaluates_and_scores_like_the_local_one
         prepare(log, uri, k_core=3, verbose=False)
     assert evaluate(uri, model_dir, split="test")["model"] == \
         evaluate(prepared.path, model_dir, split="test")["model"]
-    recommend(model_dir, uri, top_n=5, output=str(tmp_path / "s3"), verbose=False)
-    got = read_results(str(tmp_path / "s3"))
+    # scores written straight to S3 (manifest, then _SUCCESS), from data on S3
+    scores = f"{s3_server.bucket}/scores/2026-12-08"
+    manifest = recommend(model_dir, uri, top_n=5, output=scores, verbose=False)
+    assert manifest["counts"]["users_scored"] == len(local_scores)
+    assert manifest["output"] == scores and manifest["data"]["path"] == uri
+    names = listing(scores)
+    assert "manifest.json" in names and "_SUCCESS" in names
+    with pytest.raises(EzSASRecError, match="already exists"):
+        recommend(model_dir, uri, top_n=5, output=scores, verbose=False)
+    got = read_results(local_dir(scores))
     assert got.keys() == local_scores.keys()
     for user, (items, scores) in local_scores.items():
         np.testing.assert_array_equal(got[user][0], items)
