@@ -268,12 +268,18 @@ def start(path, *, overwrite: bool, flag: str = "--output") -> str:
     return tmp
 
 
-def write_marker(tmp: str, kind: str, extra: dict | None = None):
-    """Write ``_SUCCESS`` (who wrote the directory, what it is) into a finished directory."""
+def marker_body(kind: str, extra: dict | None = None) -> dict:
+    """What ``_SUCCESS`` says: who wrote the directory, what it is, when."""
     body = {"written_by": WRITTEN_BY, "kind": kind, "format_version": MARKER_FORMAT_VERSION,
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     # The identifying keys win over extra ones, so a caller cannot make a marker unreadable.
     body.update({k: v for k, v in (extra or {}).items() if k not in body})
+    return body
+
+
+def write_marker(tmp: str, kind: str, extra: dict | None = None):
+    """Write ``_SUCCESS`` (:func:`marker_body`) into a finished directory."""
+    body = marker_body(kind, extra)
     with open(os.path.join(tmp, MARKER), "w") as f:
         json.dump(body, f, indent=2, default=str)
         f.write("\n")

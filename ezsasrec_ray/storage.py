@@ -133,11 +133,15 @@ def upload_dir(local: str, uri: str, *, overwrite: bool, flag: str = "--output")
         relative = os.path.relpath(info.path, local)
         if info.type == pafs.FileType.File and relative != MARKER:
             _copy(local_fs, info.path, fs, posixpath.join(root, *relative.split(os.sep)))
-    # this upload's own id in its _SUCCESS: readers' caches tell two uploads apart
     with open(os.path.join(local, MARKER)) as f:
-        marker = {**json.load(f), "upload_id": uuid.uuid4().hex}
+        _put_marker(fs, root, json.load(f))
+
+
+def _put_marker(fs, root: str, body: dict):
+    """Write ``_SUCCESS`` under ``root``, last, with this upload's own id: readers' caches
+    tell two uploads apart."""
     with fs.open_output_stream(posixpath.join(root, MARKER)) as out:
-        out.write(json.dumps(marker).encode())
+        out.write(json.dumps({**body, "upload_id": uuid.uuid4().hex}).encode())
 
 
 def make_room(uri: str, *, overwrite: bool, flag: str = "--output") -> None:
@@ -151,15 +155,10 @@ def finish(uri: str, files: dict[str, bytes], *, kind: str) -> None:
     """Complete a directory written under ``uri``: ``files`` (e.g. the manifest), then the
     ``_SUCCESS`` marker last, so readers take it only now."""
     fs, root = _filesystem(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        outputs.write_marker(tmp, kind)
-        with open(os.path.join(tmp, MARKER), "rb") as f:
-            marker = {**json.loads(f.read()), "upload_id": uuid.uuid4().hex}
     for name, body in files.items():
         with fs.open_output_stream(posixpath.join(root, name)) as out:
             out.write(body)
-    with fs.open_output_stream(posixpath.join(root, MARKER)) as out:
-        out.write(json.dumps(marker).encode())
+    _put_marker(fs, root, outputs.marker_body(kind))
 
 
 def files_under(uri: str) -> list[tuple[str, object]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from .errors import EzSASRecError
+from .storage import local_dir
 
 ARTIFACTS = ("metrics.json", "history.csv", "training_curves.png")
 ROUND_METRICS = ("loss", "lr", "sequences_per_s", "train_seconds")
@@ -72,9 +73,11 @@ def metric_name(key: str) -> str:
 
 
 def finish_run(tracking: dict | None, model_dir: str | None, failed: bool = False):
-    """Attach the model directory's reports as artifacts and close the run."""
+    """Attach the model directory's reports as artifacts and close the run (a model on
+    object storage is read from its local copy, fetched only when tracking)."""
     if not tracking:
         return
+    model_dir = local_dir(model_dir) if model_dir else None
     client = _mlflow().tracking.MlflowClient(tracking["tracking_uri"])
     for name in ARTIFACTS if model_dir else ():
         path = os.path.join(model_dir, name)

@@ -27,7 +27,7 @@ from .errors import EzSASRecError
 from .model_io import WEIGHTS_FILE
 from .model_io import write_model_dir as save_model_dir
 from .runtime import init_ray, quiet_native_logs
-from .storage import check_output, is_remote, local_dir
+from .storage import check_output, is_remote
 from .train_loop import (  # noqa: F401 - the options and worker loop, re-exported
     LOSS_NAMES,
     TRAIN_STATE,
@@ -148,7 +148,7 @@ def train(data: str, output: str, *, address: str | None = None, overwrite: bool
         metrics = write_model_dir(directory, output, prepared, config, model_config, state,
                                   best_metrics, time.time() - started, overwrite,
                                   baselines=baselines, parent=parent)
-    tracking.finish_run(loop_config["tracking"], local_dir(output))
+    tracking.finish_run(loop_config["tracking"], output)
     if config.run_name is None:  # not resumable by name: its checkpoints served their turn
         for path in (os.path.join(storage, run_name), os.path.join(storage, run_name + "-inputs")):
             shutil.rmtree(path, ignore_errors=True)
